@@ -1,0 +1,31 @@
+"""pydantic records: the contracts between facemllm stages."""
+
+from schemas.records import (
+    ALL_RECORDS,
+    SCHEMA_VERSION,
+    CropGeometry,
+    DownloadStatus,
+    FaceDetection,
+    FaceRecord,
+    FaceStatus,
+    LaionRow,
+    RunManifest,
+    ShardInfo,
+    ShardManifest,
+)
+from schemas.export import export_json_schemas
+
+__all__ = [
+    "ALL_RECORDS",
+    "SCHEMA_VERSION",
+    "CropGeometry",
+    "DownloadStatus",
+    "FaceDetection",
+    "FaceRecord",
+    "FaceStatus",
+    "LaionRow",
+    "RunManifest",
+    "ShardInfo",
+    "ShardManifest",
+    "export_json_schemas",
+]

@@ -1,0 +1,149 @@
+"""Records passed between stages.
+
+Every JSON member written into a shard is ``model_dump_json()`` of one of these, and every status
+parquet row validates against one of them, so a stage's output is a contract the next stage can
+check instead of guess.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+BBox = tuple[float, float, float, float]
+Point = tuple[float, float]
+
+
+class Record(BaseModel):
+    """Base of every record: unknown fields are an error, and the version travels with the data."""
+
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+
+
+class LaionRow(Record):
+    """One LAION-400M metadata row selected by the LAION-Face id list."""
+
+    sample_id: int = Field(description="LAION-400M SAMPLE_ID")
+    url: str
+    text: str | None = Field(None, description="alt text (LAION caption)")
+    width: int | None = None
+    height: int | None = None
+    license: str | None = None
+    nsfw: str | None = Field(None, description="LAION NSFW tag: UNLIKELY, UNSURE or NSFW")
+    similarity: float | None = Field(None, description="CLIP image-text similarity")
+
+
+DownloadOutcome = Literal["success", "failed_to_download", "failed_to_resize"]
+
+
+class DownloadStatus(Record):
+    """The fate of one url row: img2dataset's status parquet row, typed."""
+
+    key: str
+    sample_id: int | None = None
+    url: str
+    status: DownloadOutcome
+    error: str | None = None
+    width: int | None = None
+    height: int | None = None
+    original_width: int | None = None
+    original_height: int | None = None
+    sha256: str | None = None
+
+
+class FaceDetection(Record):
+    """One detected face in source-image pixels (SCRFD output)."""
+
+    bbox: BBox = Field(description="x1, y1, x2, y2 in source pixels")
+    landmarks: tuple[Point, Point, Point, Point, Point] = Field(
+        description="left eye, right eye, nose, left mouth corner, right mouth corner"
+    )
+    score: float
+    face_index: int = Field(description="rank of the face in its image, 0 = largest kept")
+    image_width: int
+    image_height: int
+
+
+class CropGeometry(Record):
+    """How the context crop was cut, so a consumer can map crop pixels back to the source."""
+
+    context_box: BBox = Field(description="square box in source pixels; may extend past the image (padded)")
+    context_size: int = Field(description="side of the context crop in pixels")
+    margin: float = Field(description="context box side = (1 + 2 * margin) * longest face side")
+    aligned_size: int = 112
+
+
+class FaceRecord(Record):
+    """One face crop and where it came from; the ``.json`` member of a face shard sample."""
+
+    key: str
+    source_key: str
+    url: str
+    sample_id: int | None = None
+    caption: str | None = Field(None, description="LAION alt text of the source image")
+    license: str | None = None
+    nsfw: str | None = None
+    similarity: float | None = None
+    detection: FaceDetection
+    crop: CropGeometry
+
+
+FaceOutcome = Literal["success", "no_face", "all_faces_filtered", "failed_to_decode"]
+
+
+class FaceStatus(Record):
+    """The fate of one downloaded image in the face stage: a row of ``faces/NNNNN.parquet``."""
+
+    source_key: str
+    url: str | None = None
+    sample_id: int | None = None
+    status: FaceOutcome
+    error: str | None = None
+    faces_detected: int = 0
+    faces_kept: int = 0
+    dropped_small: int = Field(0, description="faces under the minimum face size")
+    dropped_low_score: int = Field(0, description="faces under the minimum detection score")
+    dropped_over_max: int = Field(0, description="faces beyond the maximum faces per image")
+
+
+class ShardInfo(BaseModel):
+    """One tar shard as a reader needs to find and verify it."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(description="path relative to the run folder (or absolute URL)")
+    sha256: str
+    nsamples: int
+    bytes: int
+
+
+class ShardManifest(Record):
+    """The shards of one stage and the status counts of its inputs."""
+
+    stage: str
+    shards: list[ShardInfo]
+    counts: dict[str, int] = Field(default_factory=dict, description="status -> number of input elements")
+
+
+class RunManifest(Record):
+    """``manifest.json``: written last, the commit point of a run."""
+
+    config_hash: str
+    package_versions: dict[str, str]
+    stages: dict[str, ShardManifest]
+
+
+ALL_RECORDS: tuple[type[BaseModel], ...] = (
+    LaionRow,
+    DownloadStatus,
+    FaceDetection,
+    CropGeometry,
+    FaceRecord,
+    FaceStatus,
+    ShardInfo,
+    ShardManifest,
+    RunManifest,
+)
