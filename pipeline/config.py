@@ -1,0 +1,130 @@
+"""Run configuration: pydantic models loaded from YAML and overridable on the command line.
+
+A bad configuration stops the run before any work, with pydantic's message naming the field.
+Overrides are ``dotted.path=value`` with the value parsed as YAML (``download.timeout=5``,
+``select.nsfw=[UNLIKELY]``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from annotators.faces import FaceConfig
+from pipeline.netguard import DestinationPolicy
+
+Stage = Literal["select", "download", "faces"]
+ALL_STAGES: tuple[Stage, ...] = ("select", "download", "faces")
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SelectConfig(StrictModel):
+    """LAION-400M metadata + LAION-Face id list -> url shards."""
+
+    metadata: list[str] = Field(description="LAION-400M metadata parquet files (globs allowed)")
+    ids: str = Field(description="LAION-Face id list: .pth as published, .parquet (SAMPLE_ID) or .txt")
+    id_parts: list[int] | None = Field(None, description="parts of the id list to use; None = all")
+    trust_id_pickle: bool = Field(
+        False, description="allow full unpickling of a .pth id list that torch's safe loader refuses"
+    )
+    min_width: int = Field(0, ge=0)
+    min_height: int = Field(0, ge=0)
+    nsfw: list[Literal["UNLIKELY", "UNSURE", "NSFW"]] | None = Field(
+        None, description="NSFW tags to keep; None keeps all"
+    )
+    min_similarity: float | None = None
+    samples_per_shard: int = Field(10_000, gt=0, le=1_000_000)
+    batch_rows: int = Field(65_536, gt=0, description="rows read per streamed batch")
+    max_shards_per_input: int = Field(
+        1_000, gt=0, description="shard ids are input_index * this + chunk: a bound, not a target"
+    )
+
+
+class DownloadConfig(StrictModel):
+    """img2dataset's Downloader and Resizer settings (its own names where it has them)."""
+
+    thread_count: int = Field(32, gt=0)
+    timeout: float = Field(10.0, gt=0)
+    retries: int = Field(0, ge=0)
+    resize_mode: Literal["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"] = "no"
+    image_size: int = Field(256, gt=0)
+    resize_only_if_bigger: bool = False
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=0, le=100)
+    min_image_size: int = Field(0, ge=0)
+    max_aspect_ratio: float = Field(float("inf"), gt=0)
+    max_image_pixels: int = Field(
+        8192 * 8192, gt=0, description="decompression-bomb bound applied before OpenCV decodes"
+    )
+    user_agent_token: str | None = "facemllm"
+    disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
+    destinations: DestinationPolicy = DestinationPolicy()
+
+
+class RunnerConfig(StrictModel):
+    """Which Beam runner executes the stages; see README for Dataflow, Flink and Spark."""
+
+    runner: Literal["direct", "portable", "dataflow", "flink", "spark"] = "direct"
+    direct_num_workers: int = Field(2, ge=0, description="0 = one per core")
+    direct_running_mode: Literal["in_memory", "multi_threading", "multi_processing"] = "multi_processing"
+    job_endpoint: str | None = Field(None, description="portable/flink/spark job service host:port")
+    environment_type: str | None = Field(None, description="LOOPBACK, EXTERNAL, PROCESS or DOCKER")
+    environment_config: str | None = None
+    options: list[str] = Field(default_factory=list, description="extra Beam pipeline options, verbatim")
+
+    @model_validator(mode="after")
+    def _portable_needs_endpoint(self) -> RunnerConfig:
+        if self.runner == "portable" and not self.job_endpoint:
+            raise ValueError("runner 'portable' needs runner.job_endpoint (e.g. localhost:8099)")
+        return self
+
+
+class RunConfig(StrictModel):
+    out: str = Field(description="output folder of the run")
+    stages: list[Stage] = list(ALL_STAGES)
+    select: SelectConfig
+    download: DownloadConfig = DownloadConfig()
+    faces: FaceConfig = FaceConfig()
+    runner: RunnerConfig = RunnerConfig()
+
+    def output_hash(self) -> str:
+        """Hash of what decides the output bytes: not where it goes, nor how parallel it runs."""
+        payload = self.model_dump(
+            mode="json",
+            exclude={"out": True, "runner": True, "download": {"thread_count"}, "faces": {"intra_op_threads"}},
+        )
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``a.b.c=value`` entries in a nested dict; values are parsed as YAML scalars or lists."""
+    for override in overrides:
+        path, sep, raw = override.partition("=")
+        if not sep or not path:
+            raise ValueError(f"override {override!r} is not of the form dotted.key=value")
+        node = data
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {override!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: the config must be a mapping")
+        data.update(loaded)
+    return RunConfig.model_validate(apply_overrides(data, list(overrides)))

@@ -1,0 +1,188 @@
+"""A loopback image host with the failure modes of the real web, for tests, the demo and benchmarks.
+
+LAION urls decay and misbehave: 404s, 500s, stalls, truncated bodies, HTML served as JPEG, empty
+bodies, decompression bombs, redirects into private networks and ``X-Robots-Tag: noai`` opt-outs.
+``SampleServer`` serves real photos plus one route per failure so every stage's handling of them
+can be tested offline, on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import struct
+import threading
+import time
+import zlib
+from collections import Counter
+from collections.abc import Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import urlsplit
+
+PHOTO_PREFIX = "/img/"
+PRIVATE_REDIRECT_TARGET = "http://10.255.255.1/x.jpg"
+BOMB_SIDE = 20_000
+
+FAULT_ROUTES = (
+    "/fault/404",
+    "/fault/500",
+    "/fault/timeout",
+    "/fault/truncated.jpg",
+    "/fault/not-an-image.jpg",
+    "/fault/empty.jpg",
+    "/fault/bomb.png",
+    "/fault/redirect-private",
+    "/fault/noai.jpg",
+)
+
+NOT_AN_IMAGE_BODY = (
+    b"<!doctype html><html><head><title>Access denied</title></head>"
+    b"<body><h1>403</h1><p>Hotlinking is not permitted.</p></body></html>"
+)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def decompression_bomb_png(side: int = BOMB_SIDE) -> bytes:
+    """A 138-byte PNG whose valid header declares side x side RGB pixels (1.2 GB at 20000).
+
+    The IDAT holds one row only: enough to show that a decoder which trusts the header allocates
+    the full image before noticing the data is short.
+    """
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    one_row = zlib.compress(b"\x00" * (1 + 3 * side))
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", one_row) + _png_chunk(
+        b"IEND", b""
+    )
+
+
+class _Httpd(ThreadingHTTPServer):
+    daemon_threads = True  # a stalled handler must not keep the process alive
+    request_queue_size = 1024  # the default backlog of 5 drops connects from a 256-thread downloader
+
+
+class SampleServer:
+    """Serves ``photos`` under ``/img/<name>`` and the ``FAULT_ROUTES`` on 127.0.0.1, in a thread.
+
+    ``stall_s`` is how long ``/fault/timeout`` holds its response: set it above the client's
+    timeout. The stall waits on the shutdown event, so closing ends it at once (with no response).
+    ``latency_s`` delays every response (for benchmarks that need a realistic round trip).
+    """
+
+    def __init__(self, photos: Mapping[str, Path], *, stall_s: float = 10.0, latency_s: float = 0.0) -> None:
+        self.photos = {name: Path(path) for name, path in photos.items()}
+        jpegs = sorted(name for name, path in self.photos.items() if path.suffix.lower() in (".jpg", ".jpeg"))
+        if not jpegs:
+            raise ValueError("SampleServer needs at least one .jpg photo for /fault/truncated.jpg and noai.jpg")
+        self.fault_source = self.photos[jpegs[0]]
+        self.stall_s = stall_s
+        self.latency_s = latency_s
+        self._closing = threading.Event()
+        self._counts: Counter[str] = Counter()
+        self._counts_lock = threading.Lock()
+        self._httpd = _Httpd(("127.0.0.1", 0), self._handler_class())
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="sample-server", daemon=True)
+        self._thread.start()
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def photo_url(self, name: str) -> str:
+        return f"{self.base_url}{PHOTO_PREFIX}{name}"
+
+    def request_count(self, path: str) -> int:
+        """Requests received for ``path`` (query string ignored)."""
+        with self._counts_lock:
+            return self._counts[path]
+
+    def request_counts(self) -> dict[str, int]:
+        with self._counts_lock:
+            return dict(self._counts)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> SampleServer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _count(self, path: str) -> None:
+        with self._counts_lock:
+            self._counts[path] += 1
+
+    def _stall(self) -> bool:
+        """Hold for ``stall_s``; False if the server started closing meanwhile."""
+        return not self._closing.wait(self.stall_s)
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib name
+                """Quiet: tests and benchmarks make thousands of requests."""
+
+            def do_GET(self) -> None:  # noqa: N802 - stdlib name
+                path = urlsplit(self.path).path
+                server._count(path)
+                if server.latency_s:
+                    server._closing.wait(server.latency_s)
+                try:
+                    self._route(path)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeouts): nothing left to answer
+
+            def _send(
+                self, status: int, body: bytes, content_type: str, extra: Mapping[str, str] | None = None
+            ) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                for name, value in (extra or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _route(self, path: str) -> None:
+                if path.startswith(PHOTO_PREFIX) and path[len(PHOTO_PREFIX) :] in server.photos:
+                    photo = server.photos[path[len(PHOTO_PREFIX) :]]
+                    self._send(200, photo.read_bytes(), _content_type(photo))
+                elif path == "/fault/404":
+                    self._send(404, b"not found", "text/plain")
+                elif path == "/fault/500":
+                    self._send(500, b"internal error", "text/plain")
+                elif path == "/fault/timeout":
+                    if server._stall():
+                        self._send(200, server.fault_source.read_bytes(), "image/jpeg")
+                elif path == "/fault/truncated.jpg":
+                    data = server.fault_source.read_bytes()
+                    self._send(200, data[: len(data) // 2], "image/jpeg")
+                elif path == "/fault/not-an-image.jpg":
+                    self._send(200, NOT_AN_IMAGE_BODY, "image/jpeg")
+                elif path == "/fault/empty.jpg":
+                    self._send(200, b"", "image/jpeg")
+                elif path == "/fault/bomb.png":
+                    self._send(200, decompression_bomb_png(), "image/png")
+                elif path == "/fault/redirect-private":
+                    self._send(302, b"", "text/plain", {"Location": PRIVATE_REDIRECT_TARGET})
+                elif path == "/fault/noai.jpg":
+                    self._send(200, server.fault_source.read_bytes(), "image/jpeg", {"X-Robots-Tag": "noai"})
+                else:
+                    self._send(404, b"not found", "text/plain")
+
+        return Handler
+
+
+def _content_type(path: Path) -> str:
+    return mimetypes.guess_type(path.name)[0] or "application/octet-stream"

@@ -1,0 +1,223 @@
+"""Select stage: LAION-400M metadata parquets + the LAION-Face id list -> url shards.
+
+Each metadata file is streamed batch by batch (never a whole 400M-row part in memory); a row is
+kept when its SAMPLE_ID is in the id list and it passes the optional filters. Kept rows are cut
+into url shards ``urls/part-NNNNN.parquet`` whose shard id is ``input_index * max_shards_per_input
++ chunk``, so every input file is an independent, parallel and deterministic unit of work.
+A marker ``urls/_select-NNNNN.json`` written last records the shards and the row counts of that
+input file: it is the completion marker a rerun trusts.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.config import SelectConfig
+from pipeline.sink import write_json_atomic, write_parquet_atomic
+
+# LAION-400M metadata column -> LaionRow field
+LAION_COLUMNS = {
+    "SAMPLE_ID": "sample_id",
+    "URL": "url",
+    "TEXT": "text",
+    "WIDTH": "width",
+    "HEIGHT": "height",
+    "LICENSE": "license",
+    "NSFW": "nsfw",
+    "similarity": "similarity",
+}
+URL_SHARD_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.int64()),
+        ("url", pa.string()),
+        ("text", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("license", pa.string()),
+        ("nsfw", pa.string()),
+        ("similarity", pa.float64()),
+    ]
+)
+
+
+class IdListError(ValueError):
+    """The id list cannot be read as LAION-Face sample ids."""
+
+
+def _ids_from_container(obj: object, parts: list[int] | None, where: str = "id list") -> np.ndarray:
+    """Flatten the containers LAION-Face's .pth has been seen in: per-part lists, tuples, dicts
+    (part -> ids), tensors, numpy arrays, sets; or a flat collection of ids."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().numpy().astype(np.int64).ravel()
+    if isinstance(obj, np.ndarray):
+        return obj.astype(np.int64).ravel()
+    if isinstance(obj, dict):
+        keys = sorted(obj)
+        if all(isinstance(k, int) for k in keys) and _looks_like_parts(obj.values()):
+            chosen = keys if parts is None else [k for k in keys if k in set(parts)]
+            return _concat([_ids_from_container(obj[k], None, f"{where}[{k}]") for k in chosen])
+        return _ids_from_container(list(keys), None, where)  # a dict keyed by sample id
+    if isinstance(obj, list | tuple | set | frozenset):
+        items = list(obj)
+        if items and _looks_like_parts(items):
+            chosen = range(len(items)) if parts is None else [p for p in parts if p < len(items)]
+            return _concat([_ids_from_container(items[p], None, f"{where}[{p}]") for p in chosen])
+        try:
+            return np.asarray(sorted(items) if isinstance(obj, set | frozenset) else items, dtype=np.int64)
+        except (TypeError, ValueError) as err:
+            raise IdListError(f"{where}: expected integer sample ids ({err})") from err
+    raise IdListError(f"{where}: unsupported container {type(obj).__name__}")
+
+
+def _looks_like_parts(values) -> bool:
+    import torch
+
+    return all(isinstance(v, list | tuple | set | frozenset | dict | np.ndarray | torch.Tensor) for v in values)
+
+
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.empty(0, dtype=np.int64)
+
+
+def load_sample_ids(path: str | Path, parts: list[int] | None = None, trust_pickle: bool = False) -> np.ndarray:
+    """Return the sorted unique sample ids of an id list (.pth, .parquet, .txt/.csv)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in {".pth", ".pt"}:
+        import torch
+
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for refused globals
+            if not trust_pickle:
+                raise IdListError(
+                    f"{path}: torch's safe loader refused it ({err.__class__.__name__}); if you trust the "
+                    "file, set select.trust_id_pickle=true"
+                ) from err
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        ids = _ids_from_container(obj, parts, str(path))
+    elif suffix == ".parquet":
+        table = pq.read_table(path)
+        column = next((c for c in ("SAMPLE_ID", "sample_id") if c in table.column_names), None)
+        if column is None:
+            raise IdListError(f"{path}: no SAMPLE_ID column (has {table.column_names})")
+        if parts is not None and "part" in table.column_names:
+            table = table.filter(pc.is_in(table["part"], pa.array(parts)))
+        ids = table[column].to_numpy(zero_copy_only=False).astype(np.int64)
+    elif suffix in {".txt", ".csv", ".ids"}:
+        try:
+            ids = np.loadtxt(path, dtype=np.int64, ndmin=1, comments="#")
+        except ValueError as err:
+            raise IdListError(f"{path}: expected one integer sample id per line ({err})") from err
+    else:
+        raise IdListError(f"{path}: unknown id list format {suffix!r} (use .pth, .parquet or .txt)")
+    return np.unique(ids)
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """Globs -> a sorted, de-duplicated file list; the order defines each input's index."""
+    files: set[str] = set()
+    for pattern in patterns:
+        matches = glob.glob(pattern)
+        if not matches:
+            raise FileNotFoundError(f"select.metadata: nothing matches {pattern!r}")
+        files.update(matches)
+    return sorted(files)
+
+
+class LaionFaceSelector:
+    """Streams one metadata file and writes its url shards (plain class, no Beam)."""
+
+    def __init__(self, config: SelectConfig, sample_ids: np.ndarray, urls_dir: Path):
+        self.config = config
+        self.sample_ids = sample_ids
+        self.urls_dir = Path(urls_dir)
+
+    def marker_path(self, input_index: int) -> Path:
+        return self.urls_dir / f"_select-{input_index:05d}.json"
+
+    def select_file(self, input_index: int, path: str) -> dict:
+        """Select from one file, unless its marker says it is already done; return the marker."""
+        marker = self.marker_path(input_index)
+        if marker.exists():
+            return json.loads(marker.read_text())
+        counts: Counter[str] = Counter()
+        shard_ids: list[int] = []
+        for chunk_index, rows in enumerate(self._chunks(path, counts)):
+            if chunk_index >= self.config.max_shards_per_input:
+                raise ValueError(
+                    f"{path} yields more than select.max_shards_per_input={self.config.max_shards_per_input} "
+                    "shards: raise it or select.samples_per_shard"
+                )
+            shard_id = input_index * self.config.max_shards_per_input + chunk_index
+            write_parquet_atomic(url_shard_path(self.urls_dir, shard_id), rows, URL_SHARD_SCHEMA)
+            shard_ids.append(shard_id)
+        result = {"input": str(path), "input_index": input_index, "shards": shard_ids, "counts": dict(counts)}
+        write_json_atomic(marker, result)
+        return result
+
+    def _chunks(self, path: str, counts: Counter[str]) -> Iterator[list[dict]]:
+        pending: list[dict] = []
+        for batch in self._batches(path):
+            counts["rows_read"] += batch.num_rows
+            kept = self._filter(batch, counts)
+            pending.extend(kept.rename_columns(list(URL_SHARD_SCHEMA.names)).to_pylist())
+            while len(pending) >= self.config.samples_per_shard:
+                yield pending[: self.config.samples_per_shard]
+                pending = pending[self.config.samples_per_shard :]
+        if pending:
+            yield pending
+
+    def _batches(self, path: str) -> Iterator[pa.RecordBatch]:
+        parquet = pq.ParquetFile(path)
+        missing = set(LAION_COLUMNS) - set(parquet.schema_arrow.names)
+        if missing:
+            raise ValueError(f"{path}: not LAION-400M metadata, missing columns {sorted(missing)}")
+        for batch in parquet.iter_batches(batch_size=self.config.batch_rows, columns=list(LAION_COLUMNS)):
+            yield pa.RecordBatch.from_arrays(
+                [batch.column(name).cast(URL_SHARD_SCHEMA.field(field).type) for name, field in LAION_COLUMNS.items()],
+                names=list(LAION_COLUMNS),
+            )
+
+    def _filter(self, batch: pa.RecordBatch, counts: Counter[str]) -> pa.RecordBatch:
+        """Keep id-list members, then apply each filter in turn, counting what each one drops."""
+        ids = batch.column("SAMPLE_ID").fill_null(-1).to_numpy(zero_copy_only=False)
+        position = np.searchsorted(self.sample_ids, ids).clip(max=max(len(self.sample_ids) - 1, 0))
+        member = self.sample_ids[position] == ids if len(self.sample_ids) else np.zeros(len(ids), bool)
+        batch = self._keep(batch, pa.array(member), "not_in_id_list", counts)
+        config = self.config
+        if config.min_width or config.min_height:
+            big_enough = pc.and_(
+                pc.greater_equal(pc.fill_null(batch.column("WIDTH"), 0), config.min_width),
+                pc.greater_equal(pc.fill_null(batch.column("HEIGHT"), 0), config.min_height),
+            )
+            batch = self._keep(batch, big_enough, "filtered_size", counts)
+        if config.nsfw is not None:
+            allowed = pc.fill_null(pc.is_in(batch.column("NSFW"), pa.array(config.nsfw)), False)
+            batch = self._keep(batch, allowed, "filtered_nsfw", counts)
+        if config.min_similarity is not None:
+            similar = pc.fill_null(pc.greater_equal(batch.column("similarity"), config.min_similarity), False)
+            batch = self._keep(batch, similar, "filtered_similarity", counts)
+        counts["selected"] += batch.num_rows
+        return batch
+
+    @staticmethod
+    def _keep(batch: pa.RecordBatch, mask: pa.Array, reason: str, counts: Counter[str]) -> pa.RecordBatch:
+        kept = batch.filter(mask)
+        counts[reason] += batch.num_rows - kept.num_rows
+        return kept
+
+
+def url_shard_path(urls_dir: Path, shard_id: int) -> Path:
+    return Path(urls_dir) / f"part-{shard_id:05d}.parquet"
