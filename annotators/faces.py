@@ -9,6 +9,7 @@ become a ``failed_to_decode`` status, so one broken download cannot stop a shard
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,9 +247,12 @@ class FaceCropper:
     ) -> CroppedFace:
         context_box = self._context_box(detection.bbox)
         context = _cut_square(image, context_box, self.config.context_size)
-        aligned = norm_crop(
-            image, np.asarray(detection.landmarks, dtype=np.float32), self.config.aligned_size
-        )
+        with warnings.catch_warnings():
+            # insightface 2.1 calls a scikit-image method deprecated in 0.26; the result is the same
+            warnings.filterwarnings("ignore", "`estimate` is deprecated", FutureWarning)
+            aligned = norm_crop(
+                image, np.asarray(detection.landmarks, dtype=np.float32), self.config.aligned_size
+            )
         record = FaceRecord(
             key=f"{source_key}_{detection.face_index:02d}",
             source_key=source_key,

@@ -78,6 +78,7 @@ class RunnerConfig(StrictModel):
     job_endpoint: str | None = Field(None, description="portable/flink/spark job service host:port")
     environment_type: str | None = Field(None, description="LOOPBACK, EXTERNAL, PROCESS or DOCKER")
     environment_config: str | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("WARNING", description="Beam worker logs")
     options: list[str] = Field(default_factory=list, description="extra Beam pipeline options, verbatim")
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,8 +43,17 @@ LAION_SCHEMA = pa.schema(
 
 # package -> (folder inside it, photo files): human faces first, then no-face negatives.
 _PACKAGE_PHOTOS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "insightface": ("data/images", ("t1.jpg", "Tom_Hanks_54745.png", "mask_black.jpg", "mask_blue.jpg",
-                                    "mask_green.jpg", "mask_white.jpg")),
+    "insightface": (
+        "data/images",
+        (
+            "t1.jpg",
+            "Tom_Hanks_54745.png",
+            "mask_black.jpg",
+            "mask_blue.jpg",
+            "mask_green.jpg",
+            "mask_white.jpg",
+        ),
+    ),
     "skimage": ("data", ("astronaut.png", "camera.png", "chelsea.png", "coffee.png", "rocket.jpg")),
 }
 SCRFD_PHOTOS = ("solvay_conference_1927.jpg", "newton.png", "gauss.png")
@@ -82,8 +92,13 @@ FAULT_EXPECTED_STATUS = {
 DUPLICATED_PHOTOS = 3  # LAION lists the same image under several urls and sample ids
 UNSELECTED_ROWS = 4
 ABSENT_IDS = 3  # ids in the LAION-Face list whose rows live in other metadata parts
-LICENSES = ("?", "?", "?", "https://creativecommons.org/licenses/by/2.0/",
-            "https://creativecommons.org/licenses/by-nc-sa/3.0/")
+LICENSES = (
+    "?",
+    "?",
+    "?",
+    "https://creativecommons.org/licenses/by/2.0/",
+    "https://creativecommons.org/licenses/by-nc-sa/3.0/",
+)
 
 
 @dataclass(frozen=True)
@@ -116,7 +131,9 @@ def package_photos(scrfd_dir: Path | None = None) -> dict[str, Path]:
     if scrfd_dir is not None:
         missing = [name for name in SCRFD_PHOTOS if not (scrfd_dir / "images" / name).is_file()]
         if missing:
-            raise FileNotFoundError(f"{scrfd_dir}/images lacks {missing}: pass the extracted scrfd-0.3.0 sdist")
+            raise FileNotFoundError(
+                f"{scrfd_dir}/images lacks {missing}: pass the extracted scrfd-0.3.0 sdist"
+            )
         photos.update({name: scrfd_dir / "images" / name for name in SCRFD_PHOTOS})
     return photos
 
@@ -135,7 +152,9 @@ def _photo_rows(base_url: str, photos: Mapping[str, Path]) -> list[_Row]:
     for name, path in photos.items():
         with Image.open(path) as image:  # reads the header only
             size = image.size
-        rows.append(_Row(f"{base_url}{PHOTO_PREFIX}{name}", ALT_TEXTS.get(name, name), size, "success"))
+        rows.append(
+            _Row(f"{base_url}{PHOTO_PREFIX}{quote(name)}", ALT_TEXTS.get(name, name), size, "success")
+        )
     for row in rows[:DUPLICATED_PHOTOS]:
         rows.append(_Row(f"{row.url}?size=large", f"{row.text} (large)", row.size, "success"))
     return rows
@@ -152,8 +171,13 @@ def _unselected_rows(base_url: str, photos: Mapping[str, Path]) -> list[_Row]:
     first = next(iter(photos))
     nsfw_cycle = ("UNLIKELY", "NSFW", "UNSURE", "UNLIKELY")
     return [
-        _Row(f"{base_url}{PHOTO_PREFIX}{first}?ref=not-a-face-{i}", f"Landscape wallpaper {i}", None, None,
-             nsfw_cycle[i % len(nsfw_cycle)])
+        _Row(
+            f"{base_url}{PHOTO_PREFIX}{quote(first)}?ref=unselected-{i}",
+            f"Mountain lake landscape wallpaper {i}",
+            None,
+            None,
+            nsfw_cycle[i % len(nsfw_cycle)],
+        )
         for i in range(UNSELECTED_ROWS)
     ]
 
@@ -197,7 +221,7 @@ def build_demo_sample(out_dir: Path, base_url: str, photos: Mapping[str, Path] |
 
     expected_status = {
         sample_id: row.expected_status
-        for sample_id, row in zip(sample_ids, rows)
+        for sample_id, row in zip(sample_ids, rows, strict=True)
         if row.expected_status is not None
     }
     absent_ids = [first_id + 37 * (len(rows) + i) for i in range(ABSENT_IDS)]

@@ -128,4 +128,5 @@ def run(config: RunConfig):
     clean_stale_temporaries(out)
     with beam.Pipeline(runner=make_runner(config.runner), options=pipeline_options(config.runner)) as pipeline:
         build(pipeline, config)
+    clean_stale_temporaries(out)
     return write_run_manifest(out, config)

@@ -20,7 +20,7 @@ RUNNER_NAMES = {
 
 
 def pipeline_options(config: RunnerConfig) -> PipelineOptions:
-    args = list(config.options)
+    args = [f"--default_sdk_harness_log_level={config.log_level}", *config.options]
     if config.runner == "direct":
         args += [
             f"--direct_num_workers={config.direct_num_workers}",

@@ -31,7 +31,6 @@ from schemas import FaceRecord
 SOLVAY_FACES = 29  # asserted by the scrfd package's own test
 
 # insightface's norm_crop calls skimage 0.26's deprecated SimilarityTransform.estimate
-pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")
 
 
 @pytest.fixture(scope="module")

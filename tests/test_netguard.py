@@ -112,7 +112,9 @@ def test_policy_rejects_unknown_fields() -> None:
 
 
 def test_check_destination_applies_the_policy() -> None:
-    with pytest.raises(RefusedDestination, match=r"refused destination 127\.0\.0\.1 \(loopback\) for host 127"):
+    with pytest.raises(
+        RefusedDestination, match=r"refused destination 127\.0\.0\.1 \(loopback\) for host 127"
+    ):
         check_destination("http://127.0.0.1:9/x.jpg", DEFAULT)
     assert check_destination("http://127.0.0.1:9/x.jpg", LOOPBACK_OK) == ["127.0.0.1"]
     metadata = "http://169.254.169.254/latest/meta-data/"
@@ -121,7 +123,8 @@ def test_check_destination_applies_the_policy() -> None:
     assert check_destination(metadata, DestinationPolicy(allow_link_local=True)) == ["169.254.169.254"]
     with pytest.raises(RefusedDestination, match=r"0\.0\.0\.0 \(unspecified\)"):
         check_destination(
-            "http://0.0.0.0/", DestinationPolicy(allow_loopback=True, allow_private=True, allow_link_local=True)
+            "http://0.0.0.0/",
+            DestinationPolicy(allow_loopback=True, allow_private=True, allow_link_local=True),
         )
     with pytest.raises(urllib.error.URLError, match="refused scheme 'file'"):
         check_destination("file:///etc/passwd", LOOPBACK_OK)
@@ -169,7 +172,10 @@ def test_redirect_hop_to_private_address_refused_without_connecting(
     with pytest.raises(RefusedDestination) as refused:
         urllib.request.urlopen(f"{server.base_url}/fault/redirect-private", timeout=5)
     assert time.monotonic() - started < FAST_S
-    assert str(refused.value) == "<urlopen error refused destination 10.255.255.1 (private) for host 10.255.255.1>"
+    assert (
+        str(refused.value)
+        == "<urlopen error refused destination 10.255.255.1 (private) for host 10.255.255.1>"
+    )
     assert connected_hosts(socket_events) == ["127.0.0.1"]  # the first hop only
 
 
@@ -200,7 +206,9 @@ def test_ipv4_mapped_loopback_is_loopback(server: SampleServer) -> None:
         urllib.request.urlopen(url, timeout=5)
 
 
-@pytest.mark.parametrize("url", ["file:///etc/hostname", "ftp://127.0.0.1/x.jpg", "data:image/png;base64,AA=="])
+@pytest.mark.parametrize(
+    "url", ["file:///etc/hostname", "ftp://127.0.0.1/x.jpg", "data:image/png;base64,AA=="]
+)
 def test_only_http_and_https_are_spoken(url: str) -> None:
     install_guarded_opener(LOOPBACK_OK)
     with pytest.raises(urllib.error.URLError, match="unknown url type"):
@@ -256,13 +264,13 @@ def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
 
 
 class _OkHandler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+    def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Length", "2")
         self.end_headers()
         self.wfile.write(b"ok")
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib name
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 

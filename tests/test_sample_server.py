@@ -52,7 +52,9 @@ def server(photos: dict[str, Path]) -> Iterator[SampleServer]:
 
 def fetch(server: SampleServer, path: str, timeout: float = 5) -> tuple[http.client.HTTPResponse, bytes]:
     """A plain HTTP GET that follows no redirect, so each route is seen exactly as served."""
-    connection = http.client.HTTPConnection("127.0.0.1", int(server.base_url.rsplit(":", 1)[1]), timeout=timeout)
+    connection = http.client.HTTPConnection(
+        "127.0.0.1", int(server.base_url.rsplit(":", 1)[1]), timeout=timeout
+    )
     try:
         connection.request("GET", path)
         response = connection.getresponse()
@@ -85,7 +87,9 @@ def test_photos_are_served_with_their_content_type(server: SampleServer, photos:
         assert body == path.read_bytes()
 
 
-@pytest.mark.parametrize(("path", "status"), [("/fault/404", 404), ("/fault/500", 500), ("/img/nope.jpg", 404)])
+@pytest.mark.parametrize(
+    ("path", "status"), [("/fault/404", 404), ("/fault/500", 500), ("/img/nope.jpg", 404)]
+)
 def test_error_routes(server: SampleServer, path: str, status: int) -> None:
     assert fetch(server, path)[0].status == status
 
@@ -185,7 +189,9 @@ def test_every_fault_route_has_an_expected_status() -> None:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory, server: SampleServer, photos: dict[str, Path]) -> DemoSample:
+def demo(
+    tmp_path_factory: pytest.TempPathFactory, server: SampleServer, photos: dict[str, Path]
+) -> DemoSample:
     return build_demo_sample(tmp_path_factory.mktemp("demo"), server.base_url, photos)
 
 
@@ -265,7 +271,11 @@ def test_img2dataset_downloader_accounts_for_every_route(
     shard = pa.table(
         {"SAMPLE_ID": selected["SAMPLE_ID"], "caption": selected["TEXT"], "url": selected["URL"]}
     )
-    feather_path, output_folder, report_path = tmp_path / "00000.feather", tmp_path / "images", tmp_path / "run.json"
+    feather_path, output_folder, report_path = (
+        tmp_path / "00000.feather",
+        tmp_path / "images",
+        tmp_path / "run.json",
+    )
     output_folder.mkdir()
     with pa.OSFile(str(feather_path), "wb") as sink, pa.ipc.new_file(sink, shard.schema) as writer:
         writer.write_table(shard)
@@ -282,8 +292,8 @@ def test_img2dataset_downloader_accounts_for_every_route(
     status = pq.read_table(output_folder / "00000.parquet").to_pandas()
     assert len(status) == demo.selected_rows
     assert sorted(status["url"]) == sorted(selected["URL"].to_pylist())
-    assert dict(zip(status["SAMPLE_ID"], status["status"])) == demo.expected_status
-    errors = dict(zip(status["url"].str.removeprefix(server.base_url), status["error_message"]))
+    assert dict(zip(status["SAMPLE_ID"], status["status"], strict=True)) == demo.expected_status
+    errors = dict(zip(status["url"].str.removeprefix(server.base_url), status["error_message"], strict=True))
     assert errors["/fault/404"] == "HTTP Error 404: Not Found"
     assert errors["/fault/500"] == "HTTP Error 500: Internal Server Error"
     assert errors["/fault/timeout"] == "timed out"
