@@ -21,61 +21,12 @@ import onnxruntime
 from insightface.model_zoo import SCRFD, get_model
 from insightface.utils.face_align import norm_crop
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from annotators.face_config import FaceConfig
 from annotators.model_store import default_detector_path
 from schemas import CropGeometry, FaceDetection, FaceRecord, FaceStatus
 
-# Detector input sides must be multiples of SCRFD's largest feature stride.
-DETECTOR_STRIDE = 32
 DETECTOR_FILE_PREFIXES = ("det_", "scrfd")
-
-
-class FaceConfig(BaseModel):
-    """How faces are detected, filtered and cropped. Defaults suit a 336-448 px vision tower."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: Path | None = Field(None, description="ONNX SCRFD model; default: the scrfd==0.3.0 package model")
-    model_pack: Path | None = Field(
-        None,
-        description="insightface model pack folder (e.g. ~/.insightface/models/buffalo_l); uses its det_*.onnx",
-    )
-    det_size: int = Field(640, gt=0, description="detector input side in pixels (multiple of 32)")
-    det_thresh: float = Field(0.3, gt=0, le=1, description="detector score threshold, before NMS")
-    min_score: float = Field(0.5, ge=0, le=1, description="faces scoring below are dropped")
-    min_face_size: int = Field(32, ge=0, description="faces whose shorter bbox side is below are dropped")
-    max_faces: int = Field(10, gt=0, description="keep at most this many faces per image, largest first")
-    context_size: int = Field(384, gt=0, description="side of the square context crop in pixels")
-    context_margin: float = Field(
-        0.5, ge=0, description="context box side = (1 + 2 * margin) * longest face side"
-    )
-    aligned_size: int = Field(
-        112, gt=0, description="side of the ArcFace-aligned crop (multiple of 112 or 128)"
-    )
-    jpeg_quality: int = Field(95, ge=1, le=100)
-    max_image_pixels: int = Field(8192 * 8192, gt=0, description="refuse larger images before decoding them")
-    intra_op_threads: int = Field(1, gt=0, description="onnxruntime threads per detector")
-
-    @field_validator("det_size")
-    @classmethod
-    def _det_size_fits_strides(cls, value: int) -> int:
-        if value % DETECTOR_STRIDE:
-            raise ValueError(f"det_size must be a multiple of {DETECTOR_STRIDE}, got {value}")
-        return value
-
-    @field_validator("aligned_size")
-    @classmethod
-    def _aligned_size_fits_template(cls, value: int) -> int:
-        if value % 112 and value % 128:
-            raise ValueError(f"aligned_size must be a multiple of 112 or 128 (ArcFace template), got {value}")
-        return value
-
-    @model_validator(mode="after")
-    def _one_model_source(self) -> FaceConfig:
-        if self.model is not None and self.model_pack is not None:
-            raise ValueError("set either faces.model or faces.model_pack, not both")
-        return self
 
 
 class SourceMeta(TypedDict, total=False):

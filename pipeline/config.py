@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from annotators.faces import FaceConfig
+from annotators.face_config import FaceConfig
 from pipeline.netguard import DestinationPolicy
 
 Stage = Literal["select", "download", "faces"]

@@ -17,8 +17,10 @@ only makes them safe to retry and kill:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import sys
 import shutil
 import uuid
 from pathlib import Path
@@ -44,9 +46,19 @@ OOM_SHARD_COUNT = 5
 
 
 def bound_decoder_pixels(max_pixels: int) -> None:
-    """OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, at its first decode: call before any decode."""
-    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(max_pixels))
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    """Bound what OpenCV will decode; worker processes inherit the setting from the environment.
+
+    OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, when cv2 is imported, so this must run before
+    anything imports cv2 in the process (the run config deliberately does not).
+    """
+    previous = os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS")
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks for updates online
+    if "cv2" in sys.modules and previous != str(max_pixels):
+        logging.getLogger(__name__).warning(
+            "cv2 was imported before the decoder bound was set: this process keeps the bound it "
+            "had then (%s pixels)", previous or "2**30, OpenCV's default"
+        )
 
 
 def image_shard_paths(images_dir: Path, shard_id: int) -> dict[str, Path]:

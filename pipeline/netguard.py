@@ -59,14 +59,26 @@ class RefusedDestination(urllib.error.URLError):
         self.category = category
 
 
+NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address delivers to: mapped (``::ffff:a.b.c.d``), NAT64 or 6to4."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address in NAT64_PREFIX:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address.sixtofour
+
+
 def address_category(address: IPAddress) -> str | None:
     """Name the non-public range an address belongs to (None for a public address).
 
-    IPv4-mapped IPv6 addresses (``::ffff:10.0.0.1``) are judged as the IPv4 address they carry,
-    because that is where the kernel sends them.
+    IPv6 addresses that carry an IPv4 address (``::ffff:10.0.0.1``, NAT64, 6to4) are judged as
+    that IPv4 address, because that is where the packets end up.
     """
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        address = _embedded_ipv4(address) or address
     if address.is_unspecified:
         return "unspecified"
     if address.is_loopback:

@@ -75,7 +75,6 @@ class FacesDoFn(beam.DoFn):
 
         bound_decoder_pixels(self.config.download.max_image_pixels)
         self.processor = FaceShardProcessor(self.config.faces, Path(self.config.out) / "faces")
-        self.latency = Metrics.distribution(METRICS_NAMESPACE, "faces_shard_ms")
 
     def process(self, shard_id: int):
         from pipeline.download import image_shard_paths
@@ -123,6 +122,9 @@ def build(pipeline: beam.Pipeline, config: RunConfig) -> None:
 
 def run(config: RunConfig):
     """Run the configured stages to completion, then write the manifest; returns it."""
+    from pipeline.download import bound_decoder_pixels
+
+    bound_decoder_pixels(config.download.max_image_pixels)  # before any import of cv2; workers inherit it
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(out)

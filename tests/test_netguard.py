@@ -93,6 +93,9 @@ def server() -> Iterator[SampleServer]:
         ("169.254.169.254", "link-local"),
         ("fe80::1", "link-local"),
         ("::ffff:169.254.169.254", "link-local"),
+        ("64:ff9b::a9fe:a9fe", "link-local"),  # NAT64 of 169.254.169.254
+        ("2002:0a00:0001::1", "private"),  # 6to4 of 10.0.0.1
+        ("64:ff9b::808:808", None),  # NAT64 of 8.8.8.8
         ("224.0.0.1", "multicast"),
         ("ff02::1", "multicast"),
         ("0.0.0.0", "unspecified"),
