@@ -18,10 +18,10 @@ repeat to reach ``--images``. PNGs are re-encoded to JPEG first, as img2dataset 
   onnxruntime settings ``annotators.faces`` uses (CPU provider, ``intra_op_num_threads`` =
   ``--threads``, ``inter_op_num_threads`` = 1), ``prepare(ctx_id=-1, input_size=(640, 640),
   det_thresh=0.3)``, and run in their own fresh child processes with the same environment (so the
-  same OpenCV thread count), each warmed first on a separate shard of ``--warmup`` images (ours pays
-  one-time costs there: onnxruntime's first run, and pandas, which pyarrow imports at the first
-  status table: about 1 s per process here, as this environment caches no bytecode). ``--repeats`` alternates which
-  side goes first; medians are reported. ``--profile`` adds a cProfile of ours' measured loop (that
+  same OpenCV thread count), each warmed first on a separate shard of ``--warmup`` images. Ours pays
+  one-time costs there: onnxruntime's first run, and pandas, which ``pa.Table.from_pylist`` imports
+  at the first status table (about 1 s per process on a machine that caches no bytecode, i.e. with
+  PYTHONDONTWRITEBYTECODE=1). ``--repeats`` alternates which side goes first; medians are reported. ``--profile`` adds a cProfile of ours' measured loop (that
   run's timings are then inflated; use it to see where the time goes, not for the ratio).
 """
 

@@ -1,0 +1,41 @@
+"""Shared fixtures: the real SCRFD package, real photos served from loopback, the demo sample."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+VENV_BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
+
+
+@pytest.fixture(scope="session")
+def scrfd_dir() -> Path:
+    from annotators.model_store import ensure_scrfd_package
+
+    return ensure_scrfd_package()
+
+
+@pytest.fixture(scope="session")
+def served_sample(scrfd_dir, tmp_path_factory):
+    """One loopback server and one demo sample for the whole session.
+
+    Urls (and so shard bytes) contain the server's port: runs compared with each other must use
+    this same server and sample.
+    """
+    from pipeline.demo_sample import build_demo_sample, package_photos
+    from pipeline.sample_server import SampleServer
+
+    photos = package_photos(scrfd_dir)
+    # a little latency per request keeps the download stage busy long enough to be killed mid-way
+    with SampleServer(photos, latency_s=0.05) as server:
+        sample = build_demo_sample(tmp_path_factory.mktemp("sample"), server.base_url, photos)
+        yield server, sample
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for child processes: the venv first on PATH (Beam's worker pool runs `python`)."""
+    return {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
