@@ -26,7 +26,12 @@ class FaceConfig(BaseModel):
     det_thresh: float = Field(0.3, gt=0, le=1, description="detector score threshold, before NMS")
     min_score: float = Field(0.5, ge=0, le=1, description="faces scoring below are dropped")
     min_face_size: int = Field(32, ge=0, description="faces whose shorter bbox side is below are dropped")
-    max_faces: int = Field(10, gt=0, description="keep at most this many faces per image, largest first")
+    max_faces: int = Field(
+        10,
+        gt=0,
+        le=99,
+        description="keep at most this many faces per image, largest first (keys hold 2 digits)",
+    )
     context_size: int = Field(384, gt=0, description="side of the square context crop in pixels")
     context_margin: float = Field(
         0.5, ge=0, description="context box side = (1 + 2 * margin) * longest face side"

@@ -49,7 +49,7 @@ def _child_entry(target: Callable[..., dict], kwargs: dict, conn: Any, log_path:
         result["peak_rss_self_mb"] = peak_rss_mb(resource.RUSAGE_SELF)
         result["peak_rss_children_mb"] = peak_rss_mb(resource.RUSAGE_CHILDREN)
         conn.send(("ok", result))
-    except BaseException:  # noqa: BLE001 - report anything, KeyboardInterrupt included, to the parent
+    except BaseException:
         conn.send(("error", traceback.format_exc()))
     finally:
         conn.close()
@@ -109,11 +109,17 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
     cells = [[fmt(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))
+    line = "  ".join(
+        h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True))
+    )
     print(line)
     print("-" * len(line))
     for row in cells:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
 
 
 def write_result(out: Path, name: str, result: dict) -> Path:

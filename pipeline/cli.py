@@ -8,8 +8,8 @@ Heavy imports (Beam, insightface, torch) happen inside the subcommand that needs
 from __future__ import annotations
 
 import argparse
-import logging
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -65,29 +65,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facemllm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run the acquisition pipeline (select -> download -> faces)",
-                              description="Run the stages of a YAML config on the configured Beam runner.")
+    run = commands.add_parser(
+        "run",
+        help="run the acquisition pipeline (select -> download -> faces)",
+        description="Run the stages of a YAML config on the configured Beam runner.",
+    )
     run.add_argument("config", help=f"YAML run config (examples in {REPO_CONFIGS})")
     _add_overrides(run)
     run.set_defaults(func=cmd_run)
 
-    demo = commands.add_parser("demo", help="run the pipeline on the bundled sample, served from loopback",
-                               description="Serve the bundled sample photos on 127.0.0.1, run select -> "
-                               "download -> faces on them and check the counts.")
+    demo = commands.add_parser(
+        "demo",
+        help="run the pipeline on the bundled sample, served from loopback",
+        description="Serve the bundled sample photos on 127.0.0.1, run select -> "
+        "download -> faces on them and check the counts.",
+    )
     demo.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     _add_overrides(demo)
     demo.set_defaults(func=cmd_demo)
 
-    detect = commands.add_parser("detect", help="print the faces of images as JSON lines",
-                                 description="Detect faces with SCRFD; one JSON line per image.")
+    detect = commands.add_parser(
+        "detect",
+        help="print the faces of images as JSON lines",
+        description="Detect faces with SCRFD; one JSON line per image.",
+    )
     detect.add_argument("images", nargs="+", help="image files")
     _add_overrides(detect)
     detect.set_defaults(func=cmd_detect)
 
     schema = commands.add_parser("schema", help="record schemas", description="Record schema tools.")
     schema_commands = schema.add_subparsers(dest="schema_command", required=True)
-    export = schema_commands.add_parser("export", help="write the JSON Schema of every record",
-                                        description="Write <Record>.schema.json files into DIR.")
+    export = schema_commands.add_parser(
+        "export",
+        help="write the JSON Schema of every record",
+        description="Write <Record>.schema.json files into DIR.",
+    )
     export.add_argument("dir")
     export.set_defaults(func=cmd_schema_export)
     return parser

@@ -100,7 +100,12 @@ class RunConfig(StrictModel):
         """Hash of what decides the output bytes: not where it goes, nor how parallel it runs."""
         payload = self.model_dump(
             mode="json",
-            exclude={"out": True, "runner": True, "download": {"thread_count"}, "faces": {"intra_op_threads"}},
+            exclude={
+                "out": True,
+                "runner": True,
+                "download": {"thread_count"},
+                "faces": {"intra_op_threads"},
+            },
         )
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

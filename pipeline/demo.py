@@ -63,6 +63,8 @@ def run_demo(out: Path, overrides: list[str] = ()) -> int:
     for (stage, outcome), (want, got) in mismatches.items():
         print(f"MISMATCH {stage}/{outcome}: expected {want}, got {got}")
     faces = manifest.stages["faces"].counts.get("samples", 0)
-    print(f"demo: {observed[('images', 'success')]} images, {faces} faces -> {out}/faces "
-          f"({'counts match the sample' if not mismatches else 'COUNTS DIFFER'})")
+    print(
+        f"demo: {observed[('images', 'success')]} images, {faces} faces -> {out}/faces "
+        f"({'counts match the sample' if not mismatches else 'COUNTS DIFFER'})"
+    )
     return 1 if mismatches else 0

@@ -20,8 +20,8 @@ import json
 import logging
 import math
 import os
-import sys
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import DownloadConfig
 from pipeline.netguard import install_guarded_opener
-from pipeline.sink import ShardWriter, iter_tar_samples, write_bytes_atomic, write_parquet_atomic
+from pipeline.sink import repack_sorted, write_bytes_atomic, write_parquet_atomic
 
 # url-shard column -> the name img2dataset receives and keeps in each sample's json
 # (LAION's own names, as the reference LAION-Face download keeps them).
@@ -57,7 +57,8 @@ def bound_decoder_pixels(max_pixels: int) -> None:
     if "cv2" in sys.modules and previous != str(max_pixels):
         logging.getLogger(__name__).warning(
             "cv2 was imported before the decoder bound was set: this process keeps the bound it "
-            "had then (%s pixels)", previous or "2**30, OpenCV's default"
+            "had then (%s pixels)",
+            previous or "2**30, OpenCV's default",
         )
 
 
@@ -132,22 +133,17 @@ class ImageShardDownloader:
                 writer.write_table(table)
             ok, _ = self._make_downloader(str(work))((shard_id, str(feather)))
             if not ok:
-                raise RuntimeError(f"img2dataset failed on url shard {shard_id} ({url_shard}); see the log above")
+                raise RuntimeError(
+                    f"img2dataset failed on url shard {shard_id} ({url_shard}); see the log above"
+                )
             produced = image_shard_paths(work, shard_id)
-            self._repack_tar(produced["tar"], final["tar"])
+            repack_sorted(produced["tar"], final["tar"])
             self._complete_status(produced["parquet"], final["parquet"], shard_id, table)
             stats_bytes = produced["stats"].read_bytes()
             write_bytes_atomic(final["stats"], stats_bytes)  # completion marker, last
             return json.loads(stats_bytes)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-
-    @staticmethod
-    def _repack_tar(produced: Path, final: Path) -> None:
-        writer = ShardWriter(final)
-        for key, sample in iter_tar_samples(produced):
-            writer.add(key, sample)
-        writer.close()
 
     def _complete_status(self, produced: Path, final: Path, shard_id: int, inputs: pa.Table) -> None:
         """Sort img2dataset's status rows by key and add a failure row for any input it lost."""

@@ -17,10 +17,15 @@ import pyarrow as pa
 
 from annotators.faces import FaceConfig, FaceCropper
 from pipeline.sink import ShardWriter, iter_tar_samples, write_json_atomic, write_parquet_atomic
-from schemas import FaceStatus
 
-IMAGE_META_FIELDS = {"url": "url", "sample_id": "SAMPLE_ID", "caption": "caption", "license": "LICENSE",
-                     "nsfw": "NSFW", "similarity": "similarity"}
+IMAGE_META_FIELDS = {
+    "url": "url",
+    "sample_id": "SAMPLE_ID",
+    "caption": "caption",
+    "license": "LICENSE",
+    "nsfw": "NSFW",
+    "similarity": "similarity",
+}
 
 
 def face_shard_paths(faces_dir: Path, shard_id: int) -> dict[str, Path]:
@@ -46,33 +51,34 @@ class FaceShardProcessor:
         final = face_shard_paths(self.faces_dir, shard_id)
         if final["stats"].exists():
             return json.loads(final["stats"].read_text())
-        writer = ShardWriter(final["tar"])
         statuses: list[dict] = []
-        for source_key, sample in iter_tar_samples(image_tar):
-            meta = json.loads(sample.get("json", b"{}"))
-            source = {field: meta.get(name) for field, name in IMAGE_META_FIELDS.items()}
-            result = self.cropper.process(sample.get("jpg", b""), source_key, source)
-            for face in result.faces:
-                writer.add(
-                    face.record.key,
-                    {
-                        "jpg": face.context_jpg,
-                        "aligned.jpg": face.aligned_jpg,
-                        "json": face.record.model_dump_json().encode(),
-                    },
-                )
-            statuses.append(result.status.model_dump(mode="json"))
-        writer.close()
+        with ShardWriter(final["tar"]) as writer:  # image keys are sorted, face keys extend them
+            for source_key, sample in iter_tar_samples(image_tar):
+                meta = json.loads(sample.get("json", b"{}"))
+                source = {field: meta.get(name) for field, name in IMAGE_META_FIELDS.items()}
+                result = self.cropper.process(sample.get("jpg", b""), source_key, source)
+                for face in result.faces:
+                    writer.add(
+                        face.record.key,
+                        {
+                            "jpg": face.context_jpg,
+                            "aligned.jpg": face.aligned_jpg,
+                            "json": face.record.model_dump_json().encode(),
+                        },
+                    )
+                statuses.append(result.status.model_dump(mode="json"))
         write_parquet_atomic(final["parquet"], statuses, FACE_STATUS_SCHEMA)
-        stats = summarize_face_statuses(shard_id, statuses, faces=len(writer))
+        stats = summarize_face_statuses(shard_id, statuses, faces=writer.count)
         write_json_atomic(final["stats"], stats)  # completion marker, last
         return stats
 
 
 def summarize_face_statuses(shard_id: int, statuses: list[dict], faces: int) -> dict:
     counts = Counter(row["status"] for row in statuses)
-    dropped = {reason: sum(row[reason] for row in statuses)
-               for reason in ("dropped_small", "dropped_low_score", "dropped_over_max")}
+    dropped = {
+        reason: sum(row[reason] for row in statuses)
+        for reason in ("dropped_small", "dropped_low_score", "dropped_over_max")
+    }
     return {"shard_id": shard_id, "images": len(statuses), "faces": faces, "status": dict(counts), **dropped}
 
 

@@ -20,8 +20,17 @@ from pipeline.config import RunConfig
 from pipeline.sink import shard_info, split_member_name, write_json_atomic, write_sizes
 from schemas import RunManifest, ShardInfo, ShardManifest
 
-TRACKED_PACKAGES = ("facemllm", "apache-beam", "img2dataset", "insightface", "onnxruntime", "opencv-python",
-                    "webdataset", "pyarrow", "numpy")
+TRACKED_PACKAGES = (
+    "facemllm",
+    "apache-beam",
+    "img2dataset",
+    "insightface",
+    "onnxruntime",
+    "opencv-python",
+    "webdataset",
+    "pyarrow",
+    "numpy",
+)
 SHARD_STAGES = ("images", "faces")
 
 
@@ -71,7 +80,9 @@ def write_run_manifest(out: Path, config: RunConfig) -> RunManifest:
         if (out / stage).is_dir():
             stages[stage] = shard_stage_manifest(out, stage)
             write_sizes(out / stage, stages[stage].shards)
-    manifest = RunManifest(config_hash=config.output_hash(), package_versions=package_versions(), stages=stages)
+    manifest = RunManifest(
+        config_hash=config.output_hash(), package_versions=package_versions(), stages=stages
+    )
     write_json_atomic(out / "sizes.json", {s.url: s.nsamples for m in stages.values() for s in m.shards})
     write_json_atomic(out / "manifest.json", manifest.model_dump(mode="json"))  # commit point, last
     return manifest
@@ -79,7 +90,9 @@ def write_run_manifest(out: Path, config: RunConfig) -> RunManifest:
 
 def summary_rows(manifest: RunManifest) -> list[tuple[str, str, int]]:
     """(stage, outcome, count) rows for the end-of-run table."""
-    return [(stage, outcome, count) for stage, m in manifest.stages.items() for outcome, count in m.counts.items()]
+    return [
+        (stage, outcome, count) for stage, m in manifest.stages.items() for outcome, count in m.counts.items()
+    ]
 
 
 def print_summary(manifest: RunManifest) -> None:

@@ -80,7 +80,9 @@ class FacesDoFn(beam.DoFn):
         from pipeline.download import image_shard_paths
 
         skipped = self.processor.is_done(shard_id)
-        stats = self.processor.process(shard_id, image_shard_paths(Path(self.config.out) / "images", shard_id)["tar"])
+        stats = self.processor.process(
+            shard_id, image_shard_paths(Path(self.config.out) / "images", shard_id)["tar"]
+        )
         if not skipped:
             Metrics.counter(METRICS_NAMESPACE, "faces_kept").inc(stats["faces"])
             for status, count in stats["status"].items():
@@ -113,7 +115,9 @@ def build(pipeline: beam.Pipeline, config: RunConfig) -> None:
     else:
         shards = pipeline | "UrlShards" >> beam.Create(existing_url_shards(out))
     if "download" in stages:
-        shards = shards | "SpreadUrlShards" >> beam.Reshuffle() | "Download" >> beam.ParDo(DownloadDoFn(config))
+        shards = (
+            shards | "SpreadUrlShards" >> beam.Reshuffle() | "Download" >> beam.ParDo(DownloadDoFn(config))
+        )
     elif "faces" in stages:
         shards = shards | "ShardIds" >> beam.Map(lambda shard: shard[0])
     if "faces" in stages:
@@ -128,7 +132,9 @@ def run(config: RunConfig):
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(out)
-    with beam.Pipeline(runner=make_runner(config.runner), options=pipeline_options(config.runner)) as pipeline:
+    with beam.Pipeline(
+        runner=make_runner(config.runner), options=pipeline_options(config.runner)
+    ) as pipeline:
         build(pipeline, config)
     clean_stale_temporaries(out)
     return write_run_manifest(out, config)

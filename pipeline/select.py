@@ -83,14 +83,18 @@ def _ids_from_container(obj: object, parts: list[int] | None, where: str = "id l
 def _looks_like_parts(values) -> bool:
     import torch
 
-    return all(isinstance(v, list | tuple | set | frozenset | dict | np.ndarray | torch.Tensor) for v in values)
+    return all(
+        isinstance(v, list | tuple | set | frozenset | dict | np.ndarray | torch.Tensor) for v in values
+    )
 
 
 def _concat(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.empty(0, dtype=np.int64)
 
 
-def load_sample_ids(path: str | Path, parts: list[int] | None = None, trust_pickle: bool = False) -> np.ndarray:
+def load_sample_ids(
+    path: str | Path, parts: list[int] | None = None, trust_pickle: bool = False
+) -> np.ndarray:
     """Return the sorted unique sample ids of an id list (.pth, .parquet, .txt/.csv)."""
     path = Path(path)
     suffix = path.suffix.lower()
@@ -186,7 +190,10 @@ class LaionFaceSelector:
             raise ValueError(f"{path}: not LAION-400M metadata, missing columns {sorted(missing)}")
         for batch in parquet.iter_batches(batch_size=self.config.batch_rows, columns=list(LAION_COLUMNS)):
             yield pa.RecordBatch.from_arrays(
-                [batch.column(name).cast(URL_SHARD_SCHEMA.field(field).type) for name, field in LAION_COLUMNS.items()],
+                [
+                    batch.column(name).cast(URL_SHARD_SCHEMA.field(field).type)
+                    for name, field in LAION_COLUMNS.items()
+                ],
                 names=list(LAION_COLUMNS),
             )
 

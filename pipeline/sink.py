@@ -51,16 +51,24 @@ def check_member_name(name: str) -> None:
         raise UnsafeTarError(f"unsafe tar member path {name!r}")
 
 
+def _temporary_sibling(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+
+
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``final``; rename it into place only if the block succeeds."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = _temporary_sibling(final)
     try:
         yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
+        _commit(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -81,40 +89,58 @@ def write_parquet_atomic(final: Path, rows: list[dict], schema: pa.Schema | None
 
 
 class ShardWriter:
-    """Collects samples for one shard and writes them as a deterministic tar, atomically.
+    """Streams samples into a temporary tar that is renamed into place on ``close``.
 
-    Every sample of a shard must carry the same extensions (the Hugging Face ``webdataset``
-    loader infers its features from the first samples) and keys must be free of dots.
+    Samples must come in strictly increasing key order: that makes the bytes deterministic, keys
+    unique, and memory constant (one sample at a time). Tar headers are fixed (mtime 0, root,
+    0444). Every sample must carry the same extensions (the Hugging Face ``webdataset`` loader
+    infers its features from the first samples) and keys must be free of dots. Leaving the
+    ``with`` block on an exception discards the temporary file.
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._samples: dict[str, Sample] = {}
+        self._tmp = _temporary_sibling(self.path)
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - closed by close()/abort()
+        self._last_key: str | None = None
         self._extensions: tuple[str, ...] | None = None
+        self.count = 0
 
     def add(self, key: str, sample: Mapping[str, bytes]) -> None:
         if not key or "." in key or "/" in key:
             raise ShardFormatError(f"key {key!r} must be non-empty and free of dots and slashes")
-        if key in self._samples:
-            raise ShardFormatError(f"duplicate key {key!r} in {self.path.name}")
+        if self._last_key is not None and key <= self._last_key:
+            raise ShardFormatError(
+                f"key {key!r} after {self._last_key!r} in {self.path.name}: keys must increase"
+            )
         extensions = tuple(sorted(sample))
         if self._extensions is None:
             self._extensions = extensions
         elif extensions != self._extensions:
             raise ShardFormatError(f"sample {key!r} has members {extensions}, shard has {self._extensions}")
-        self._samples[key] = dict(sample)
+        for ext in extensions:
+            _add_member(self._tar, f"{key}.{ext}", sample[ext])
+        self._last_key = key
+        self.count += 1
 
-    def __len__(self) -> int:
-        return len(self._samples)
+    def close(self) -> int:
+        """Commit the shard (even an empty one: it is still a completed shard); returns its size."""
+        self._tar.close()
+        _commit(self._tmp, self.path)
+        return self.count
 
-    def close(self) -> ShardInfo:
-        """Write the tar (even an empty one: a shard with no sample is still a completed shard)."""
-        with atomic_path(self.path) as tmp:
-            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-                for key in sorted(self._samples):
-                    for ext in self._extensions or ():
-                        _add_member(tar, f"{key}.{ext}", self._samples[key][ext])
-        return shard_info(self.path, len(self._samples), url=self.path.name)
+    def abort(self) -> None:
+        self._tar.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -139,33 +165,50 @@ def shard_info(path: Path, nsamples: int, url: str) -> ShardInfo:
     return ShardInfo(url=url, sha256=sha256_file(path), nsamples=nsamples, bytes=path.stat().st_size)
 
 
+def _open_tar(source: Path | bytes) -> tarfile.TarFile:
+    if isinstance(source, bytes):
+        return tarfile.open(fileobj=io.BytesIO(source), mode="r:")
+    return tarfile.open(source, mode="r:")
+
+
+def _checked(member: tarfile.TarInfo) -> tuple[str, str]:
+    """The member's (key, extension), after refusing unsafe names and non-file members."""
+    check_member_name(member.name)
+    if not member.isfile():
+        raise UnsafeTarError(f"tar member {member.name!r} is not a regular file")
+    return split_member_name(member.name)
+
+
 def iter_tar_samples(source: Path | bytes) -> Iterator[tuple[str, Sample]]:
     """Yield ``(key, {ext: bytes})`` in tar order, refusing unsafe or non-file members."""
-    opener = (
-        tarfile.open(fileobj=io.BytesIO(source), mode="r:")
-        if isinstance(source, bytes)
-        else tarfile.open(source, mode="r:")
-    )
-    with opener as tar:
+    with _open_tar(source) as tar:
         current_key: str | None = None
         sample: Sample = {}
         for member in tar:
-            check_member_name(member.name)
-            if not member.isfile():
-                raise UnsafeTarError(f"tar member {member.name!r} is not a regular file")
-            key, ext = split_member_name(member.name)
+            key, ext = _checked(member)
             if key != current_key:
                 if current_key is not None:
                     yield current_key, sample
                 current_key, sample = key, {}
-            extracted = tar.extractfile(member)
-            sample[ext] = extracted.read() if extracted else b""
+            sample[ext] = tar.extractfile(member).read()
         if current_key is not None:
             yield current_key, sample
 
 
-def count_tar_samples(path: Path) -> int:
-    return sum(1 for _ in iter_tar_samples(path))
+def repack_sorted(source: Path, final: Path) -> int:
+    """Rewrite a tar written in any order (img2dataset's) as a sorted, deterministic shard.
+
+    Reads the headers first, then one sample at a time, so memory stays at one sample.
+    """
+    with _open_tar(source) as tar:
+        by_key: dict[str, dict[str, tarfile.TarInfo]] = {}
+        for member in tar.getmembers():
+            key, ext = _checked(member)
+            by_key.setdefault(key, {})[ext] = member
+        with ShardWriter(final) as writer:
+            for key in sorted(by_key):
+                writer.add(key, {ext: tar.extractfile(m).read() for ext, m in by_key[key].items()})
+        return writer.count
 
 
 def write_sizes(folder: Path, shards: Iterable[ShardInfo]) -> None:

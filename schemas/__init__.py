@@ -1,5 +1,6 @@
 """pydantic records: the contracts between facemllm stages."""
 
+from schemas.export import export_json_schemas
 from schemas.records import (
     ALL_RECORDS,
     SCHEMA_VERSION,
@@ -13,7 +14,6 @@ from schemas.records import (
     ShardInfo,
     ShardManifest,
 )
-from schemas.export import export_json_schemas
 
 __all__ = [
     "ALL_RECORDS",

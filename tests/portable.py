@@ -35,16 +35,27 @@ def local_portable_services(log_dir: Path):
     """Yield (job_endpoint, worker_pool_address); both services stop on exit."""
     job_port, pool_port = free_port(), free_port()
     commands = {
-        job_port: [sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
-                   "--port", str(job_port)],
-        pool_port: [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
-                    "--service_port", str(pool_port)],
+        job_port: [
+            sys.executable,
+            "-m",
+            "apache_beam.runners.portability.local_job_service_main",
+            "--port",
+            str(job_port),
+        ],
+        pool_port: [
+            sys.executable,
+            "-m",
+            "apache_beam.runners.worker.worker_pool_main",
+            "--service_port",
+            str(pool_port),
+        ],
     }
     with ExitStack() as stack:
         for port, command in commands.items():
             log = stack.enter_context(open(log_dir / f"service-{port}.log", "w"))
-            process = subprocess.Popen(command, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                command, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
             stack.callback(_stop, process)
             wait_for_port(port, process)
         yield f"localhost:{job_port}", f"localhost:{pool_port}"

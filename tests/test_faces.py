@@ -13,7 +13,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from photos import insightface_masks, insightface_t1, scrfd_photo, scrfd_truth_faces, skimage_photo
 from PIL import Image
 from pydantic import ValidationError
 
@@ -27,6 +26,7 @@ from annotators.model_store import (
     sha256_of,
 )
 from schemas import FaceRecord
+from tests.photos import insightface_masks, insightface_t1, scrfd_photo, scrfd_truth_faces, skimage_photo
 
 SOLVAY_FACES = 29  # asserted by the scrfd package's own test
 
@@ -41,7 +41,7 @@ def cropper() -> FaceCropper:
 @pytest.fixture(scope="module")
 def all_faces_cropper() -> FaceCropper:
     """No filter left active, so counts can be checked against what the detector found."""
-    return FaceCropper(FaceConfig(min_score=0, min_face_size=0, max_faces=100))
+    return FaceCropper(FaceConfig(min_score=0, min_face_size=0, max_faces=99))
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_size_and_score_filters_count_each_face_once(solvay: bytes, solvay_all: 
     low_score = sum(d.score < 0.8 for d in detections)
     small = sum(d.score >= 0.8 and min(d.bbox[2] - d.bbox[0], d.bbox[3] - d.bbox[1]) < 90 for d in detections)
     assert low_score and small, "thresholds should exercise both filters"
-    config = FaceConfig(min_score=0.8, min_face_size=90, max_faces=100)
+    config = FaceConfig(min_score=0.8, min_face_size=90, max_faces=99)
     status = FaceCropper(config).process(solvay, "solvay", {}).status
     assert (status.dropped_low_score, status.dropped_small, status.dropped_over_max) == (low_score, small, 0)
     assert status.faces_kept == SOLVAY_FACES - low_score - small

@@ -50,7 +50,9 @@ def finish_run(config_path: Path) -> RunManifest:
     process = start_run(config_path)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output
-    return RunManifest.model_validate_json((Path(yaml.safe_load(config_path.read_text())["out"]) / "manifest.json").read_text())
+    return RunManifest.model_validate_json(
+        (Path(yaml.safe_load(config_path.read_text())["out"]) / "manifest.json").read_text()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,9 @@ def reference(served_sample, tmp_path_factory):
 
 
 def status_rows(out: Path, stage: str) -> list[dict]:
-    return [row for path in sorted((out / stage).glob("*.parquet")) for row in pq.read_table(path).to_pylist()]
+    return [
+        row for path in sorted((out / stage).glob("*.parquet")) for row in pq.read_table(path).to_pylist()
+    ]
 
 
 def test_every_row_is_accounted_for(served_sample, reference):
@@ -77,10 +81,18 @@ def test_every_row_is_accounted_for(served_sample, reference):
     assert {sid: row["status"] for sid, row in by_id.items()} == dict(sample.expected_status)
     for row in downloads:
         DownloadStatus.model_validate(
-            {"key": row["key"], "sample_id": row["SAMPLE_ID"], "url": row["url"], "status": row["status"],
-             "error": row["error_message"], "sha256": row["sha256"]}
+            {
+                "key": row["key"],
+                "sample_id": row["SAMPLE_ID"],
+                "url": row["url"],
+                "status": row["status"],
+                "error": row["error_message"],
+                "sha256": row["sha256"],
+            }
         )
-    errors = {row["url"].rsplit("/", 1)[-1]: row["error_message"] for row in downloads if row["status"] != "success"}
+    errors = {
+        row["url"].rsplit("/", 1)[-1]: row["error_message"] for row in downloads if row["status"] != "success"
+    }
     assert "refused destination 10.255.255.1" in errors["redirect-private"]
     assert "CV_IO_MAX_IMAGE_PIXELS" in errors["bomb.png"]  # refused before decoding 20000x20000
     assert "X-Robots-Tag" in errors["noai.jpg"]
@@ -154,8 +166,12 @@ def test_portable_runner_gives_the_same_manifest(served_sample, reference, tmp_p
     _, sample = served_sample
     _, expected = reference
     with local_portable_services(tmp_path) as (job_endpoint, worker_pool):
-        overrides = ["runner.runner=portable", f"runner.job_endpoint={job_endpoint}",
-                     "runner.environment_type=EXTERNAL", f"runner.environment_config={worker_pool}"]
+        overrides = [
+            "runner.runner=portable",
+            f"runner.job_endpoint={job_endpoint}",
+            "runner.environment_type=EXTERNAL",
+            f"runner.environment_config={worker_pool}",
+        ]
         manifest = finish_run(write_config(sample, tmp_path / "out", overrides))
     assert manifest == expected
     assert Counter(manifest.stages["faces"].counts) == Counter(expected.stages["faces"].counts)

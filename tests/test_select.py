@@ -46,12 +46,22 @@ def test_url_shard_columns_match_laion_row():
         torch.tensor([9, 5, 3]),
         {5: None, 3: None, 9: None},
     ],
-    ids=["list-of-tensors", "list-of-lists", "list-of-numpy", "tuple-of-sets", "dict-of-parts", "flat-tensor", "dict-by-id"],
+    ids=[
+        "list-of-tensors",
+        "list-of-lists",
+        "list-of-numpy",
+        "tuple-of-sets",
+        "dict-of-parts",
+        "flat-tensor",
+        "dict-by-id",
+    ],
 )
 def test_pth_containers(tmp_path, container):
     path = tmp_path / "ids.pth"
     torch.save(container, path)
-    if isinstance(container, list) and isinstance(container[0], np.ndarray):  # numpy is not in torch's safe-load allowlist
+    if isinstance(container, list) and isinstance(
+        container[0], np.ndarray
+    ):  # numpy is not in torch's safe-load allowlist
         with pytest.raises(IdListError, match="trust_id_pickle"):
             load_sample_ids(path)
         assert load_sample_ids(path, trust_pickle=True).tolist() == [3, 5, 9]
@@ -78,17 +88,23 @@ def test_text_and_parquet_lists(tmp_path):
 
 def select(tmp_path, ids, **overrides):
     metadata = laion_metadata(tmp_path / "meta.parquet")
-    config = SelectConfig(metadata=[str(metadata)], ids="unused", batch_rows=5, samples_per_shard=8, **overrides)
+    config = SelectConfig(
+        metadata=[str(metadata)], ids="unused", batch_rows=5, samples_per_shard=8, **overrides
+    )
     selector = LaionFaceSelector(config, np.unique(np.asarray(ids, np.int64)), tmp_path / "urls")
     return selector, selector.select_file(3, str(metadata))
 
 
 def test_selects_members_in_order_and_shards(tmp_path):
-    ids = list(range(1000, 1100, 5)) + [5, 99999]  # 20 members + 2 absent from the metadata
-    selector, result = select(tmp_path, ids)
+    ids = [*range(1000, 1100, 5), 5, 99999]  # 20 members + 2 absent from the metadata
+    _, result = select(tmp_path, ids)
     assert result["counts"] == {"rows_read": 100, "not_in_id_list": 80, "selected": 20}
     assert result["shards"] == [3000, 3001, 3002]  # input 3, chunks of 8: 8 + 8 + 4
-    rows = [row for shard in result["shards"] for row in pq.read_table(url_shard_path(tmp_path / "urls", shard)).to_pylist()]
+    rows = [
+        row
+        for shard in result["shards"]
+        for row in pq.read_table(url_shard_path(tmp_path / "urls", shard)).to_pylist()
+    ]
     assert [row["sample_id"] for row in rows] == list(range(1000, 1100, 5))
     for row in rows:
         LaionRow.model_validate(row)
@@ -102,7 +118,10 @@ def test_filters_count_each_reason(tmp_path):
     assert counts["filtered_size"] == 25  # width 50 + 2i < 100 for i < 25
     kept = [i for i in range(25, 100) if i % 3 == 0 and 0.2 + (i % 10) / 50 >= 0.3]
     assert counts["selected"] == len(kept)
-    assert counts["filtered_size"] + counts["filtered_nsfw"] + counts["filtered_similarity"] + counts["selected"] == 100
+    assert (
+        counts["filtered_size"] + counts["filtered_nsfw"] + counts["filtered_similarity"] + counts["selected"]
+        == 100
+    )
 
 
 def test_rerun_trusts_marker(tmp_path):
@@ -122,4 +141,6 @@ def test_rejects_non_laion_parquet(tmp_path):
     pq.write_table(pa.table({"url": ["x"]}), tmp_path / "other.parquet")
     config = SelectConfig(metadata=[str(tmp_path / "other.parquet")], ids="unused")
     with pytest.raises(ValueError, match="missing columns"):
-        LaionFaceSelector(config, np.array([1]), tmp_path / "urls").select_file(0, str(tmp_path / "other.parquet"))
+        LaionFaceSelector(config, np.array([1]), tmp_path / "urls").select_file(
+            0, str(tmp_path / "other.parquet")
+        )
