@@ -124,10 +124,25 @@ def build(pipeline: beam.Pipeline, config: RunConfig) -> None:
         shards | "SpreadImageShards" >> beam.Reshuffle() | "Faces" >> beam.ParDo(FacesDoFn(config))
 
 
+def check_inputs(config: RunConfig) -> None:
+    """Fail on missing inputs before any work starts, naming the setting to change."""
+    from pipeline.select import expand_inputs
+
+    if "select" in config.stages:
+        expand_inputs(config.select.metadata)
+        if not Path(config.select.ids).is_file():
+            raise FileNotFoundError(f"select.ids: no such file {config.select.ids!r}")
+    for name in ("model", "model_pack"):
+        path = getattr(config.faces, name)
+        if "faces" in config.stages and path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"faces.{name}: no such path {str(path)!r}")
+
+
 def run(config: RunConfig):
     """Run the configured stages to completion, then write the manifest; returns it."""
     from pipeline.download import bound_decoder_pixels
 
+    check_inputs(config)
     bound_decoder_pixels(config.download.max_image_pixels)  # before any import of cv2; workers inherit it
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

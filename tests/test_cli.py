@@ -1,0 +1,124 @@
+"""The `facemllm` command as a user runs it: help everywhere, detect, schema export, bad configs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline.cli import build_parser, main
+from pipeline.config import load_config
+from schemas import ALL_RECORDS
+from tests.photos import insightface_masks, scrfd_photo
+
+
+def facemllm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["run"], ["demo"], ["detect"], ["schema"], ["schema", "export"]], ids=" ".join
+)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: facemllm" in capsys.readouterr().out
+
+
+def test_detect_prints_one_json_line_per_image(scrfd_dir):
+    images = [scrfd_photo("newton.png"), insightface_masks()[0]]
+    result = facemllm("detect", *map(str, images))
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["path"] for line in lines] == [str(path) for path in images]
+    newton, mask = lines
+    assert len(newton["faces"]) == 1 and mask["faces"] == []
+    face = newton["faces"][0]
+    assert len(face["bbox"]) == 4 and len(face["landmarks"]) == 5 and 0.5 < face["score"] <= 1
+
+
+def test_schema_export_writes_every_record(tmp_path, capsys):
+    assert main(["schema", "export", str(tmp_path)]) == 0
+    for record in ALL_RECORDS:
+        schema = json.loads((tmp_path / f"{record.__name__}.schema.json").read_text())
+        assert schema["title"] == record.__name__
+
+
+def test_bad_config_stops_before_any_work_naming_the_field(tmp_path):
+    config = tmp_path / "bad.yaml"
+    out = tmp_path / "out"
+    config.write_text(yaml.safe_dump({"out": str(out), "select": {"metadata": ["x"], "ids": "y"}}))
+    result = facemllm("run", str(config), "--set", "download.timeout=-1")
+    assert result.returncode == 2
+    assert "download.timeout" in result.stderr and "greater than 0" in result.stderr
+    result = facemllm("run", str(config), "--set", "faces.typo=1")
+    assert result.returncode == 2 and "faces.typo" in result.stderr
+    assert not out.exists()
+
+
+def test_missing_metadata_is_reported_before_the_pipeline_starts(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump({"out": str(tmp_path / "out"), "select": {"metadata": ["nope-*.parquet"], "ids": "y"}})
+    )
+    result = facemllm("run", str(config))
+    assert result.returncode == 2 and "nothing matches 'nope-*.parquet'" in result.stderr
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    config = load_config(
+        None,
+        [
+            "out=/o",
+            "select.metadata=[a.parquet, b.parquet]",
+            "select.ids=ids.pth",
+            "select.nsfw=[UNLIKELY]",
+            "download.timeout=2.5",
+            "runner.direct_num_workers=4",
+            "faces.max_faces=3",
+        ],
+    )
+    assert config.select.metadata == ["a.parquet", "b.parquet"] and config.select.nsfw == ["UNLIKELY"]
+    assert (
+        config.download.timeout == 2.5
+        and config.runner.direct_num_workers == 4
+        and config.faces.max_faces == 3
+    )
+    with pytest.raises(ValueError, match="dotted.key=value"):
+        load_config(None, ["no-equals-sign"])
+
+
+def test_output_hash_ignores_destination_and_parallelism():
+    base = ["out=/a", "select.metadata=[m]", "select.ids=i"]
+    reference = load_config(None, base).output_hash()
+    assert (
+        load_config(
+            None, [*base, "out=/b", "runner.direct_num_workers=8", "download.thread_count=3"]
+        ).output_hash()
+        == reference
+    )
+    assert load_config(None, [*base, "faces.min_score=0.9"]).output_hash() != reference
+
+
+def test_portable_runner_needs_an_endpoint():
+    with pytest.raises(ValueError, match="job_endpoint"):
+        load_config(None, ["out=/a", "select.metadata=[m]", "select.ids=i", "runner.runner=portable"])
+
+
+def test_missing_id_list_is_reported_before_the_pipeline_starts(tmp_path):
+    (tmp_path / "m.parquet").write_bytes(b"")
+    config = tmp_path / "run.yaml"
+    out = tmp_path / "out"
+    config.write_text(
+        yaml.safe_dump(
+            {"out": str(out), "select": {"metadata": [str(tmp_path / "m.parquet")], "ids": "gone.pth"}}
+        )
+    )
+    result = facemllm("run", str(config))
+    assert result.returncode == 2 and "select.ids" in result.stderr and not out.exists()

@@ -1,0 +1,63 @@
+"""The face stage over image shards: status per image, completion marker, hostile tars refused."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+
+from annotators.faces import FaceConfig
+from pipeline.faces import FACE_STATUS_SCHEMA, FaceShardProcessor, face_shard_paths
+from pipeline.sink import ShardWriter, UnsafeTarError, iter_tar_samples
+from schemas import FaceRecord, FaceStatus
+from tests.photos import insightface_masks, insightface_t1
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory, scrfd_dir):
+    return FaceShardProcessor(FaceConfig(), tmp_path_factory.mktemp("faces"))
+
+
+def test_status_schema_matches_the_record():
+    assert FACE_STATUS_SCHEMA.names == list(FaceStatus.model_fields)
+
+
+def test_shard_gets_faces_a_status_per_image_and_a_marker(processor, tmp_path):
+    images = tmp_path / "00007.tar"
+    sources = {"000070000": insightface_t1(), "000070001": insightface_masks()[0]}
+    with ShardWriter(images) as writer:
+        for key, path in sources.items():
+            meta = {"url": f"http://host/{path.name}", "SAMPLE_ID": 7, "caption": "alt", "LICENSE": "?"}
+            writer.add(key, {"jpg": path.read_bytes(), "json": json.dumps(meta).encode()})
+    stats = processor.process(7, images)
+    paths = face_shard_paths(processor.faces_dir, 7)
+    assert stats == json.loads(paths["stats"].read_text())
+    assert stats["images"] == 2 and stats["faces"] == 6 and stats["status"] == {"success": 1, "no_face": 1}
+    rows = pq.read_table(paths["parquet"]).to_pylist()
+    assert [FaceStatus.model_validate(row).source_key for row in rows] == list(sources)
+    faces = list(iter_tar_samples(paths["tar"]))
+    assert [key for key, _ in faces] == [f"000070000_{i:02d}" for i in range(6)]
+    record = FaceRecord.model_validate_json(faces[0][1]["json"])
+    assert record.caption == "alt" and record.license == "?" and record.sample_id == 7
+    before = paths["tar"].read_bytes()
+    assert processor.process(7, images) == stats  # done: the marker is trusted, nothing rewritten
+    assert paths["tar"].read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["../../etc/evil.jpg", "/abs/evil.jpg"])
+def test_hostile_image_tar_is_rejected_and_leaves_no_shard(processor, tmp_path, name):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo(name)
+        payload = insightface_t1().read_bytes()
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    images = tmp_path / "00009.tar"
+    images.write_bytes(buffer.getvalue())
+    with pytest.raises(UnsafeTarError):
+        processor.process(9, images)
+    assert not any(path.exists() for path in face_shard_paths(processor.faces_dir, 9).values())
+    assert not list(processor.faces_dir.glob(".*tmp*"))
