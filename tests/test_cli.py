@@ -90,7 +90,7 @@ def test_overrides_parse_yaml_values(tmp_path):
         and config.runner.direct_num_workers == 4
         and config.faces.max_faces == 3
     )
-    with pytest.raises(ValueError, match="dotted.key=value"):
+    with pytest.raises(ValueError, match=r"dotted\.key=value"):
         load_config(None, ["no-equals-sign"])
 
 
