@@ -30,7 +30,13 @@ import pyarrow.parquet as pq
 
 from pipeline.config import DownloadConfig
 from pipeline.netguard import install_guarded_opener
-from pipeline.sink import repack_sorted, write_bytes_atomic, write_parquet_atomic
+from pipeline.sink import (
+    SHARD_ID_DIGITS,
+    repack_sorted,
+    shard_paths,
+    write_bytes_atomic,
+    write_parquet_atomic,
+)
 
 # url-shard column -> the name img2dataset receives and keeps in each sample's json
 # (LAION's own names, as the reference LAION-Face download keeps them).
@@ -42,7 +48,7 @@ IMG2DATASET_COLUMNS = {
     "text": "caption",
     "url": "url",
 }
-OOM_SHARD_COUNT = 5
+OOM_SHARD_COUNT = SHARD_ID_DIGITS  # img2dataset names its shards with this many digits
 
 
 def bound_decoder_pixels(max_pixels: int) -> None:
@@ -60,15 +66,6 @@ def bound_decoder_pixels(max_pixels: int) -> None:
             "had then (%s pixels)",
             previous or "2**30, OpenCV's default",
         )
-
-
-def image_shard_paths(images_dir: Path, shard_id: int) -> dict[str, Path]:
-    name = f"{shard_id:0{OOM_SHARD_COUNT}d}"
-    return {
-        "tar": images_dir / f"{name}.tar",
-        "parquet": images_dir / f"{name}.parquet",
-        "stats": images_dir / f"{name}_stats.json",
-    }
 
 
 class ImageShardDownloader:
@@ -116,11 +113,11 @@ class ImageShardDownloader:
         )
 
     def is_done(self, shard_id: int) -> bool:
-        return image_shard_paths(self.images_dir, shard_id)["stats"].exists()
+        return shard_paths(self.images_dir, shard_id)["stats"].exists()
 
     def download(self, shard_id: int, url_shard: Path) -> dict:
         """Download one shard unless already complete; return its stats (img2dataset's)."""
-        final = image_shard_paths(self.images_dir, shard_id)
+        final = shard_paths(self.images_dir, shard_id)
         if final["stats"].exists():
             return json.loads(final["stats"].read_text())
         work = self.images_dir / "_tmp" / f"{shard_id:05d}-{uuid.uuid4().hex[:8]}"
@@ -136,7 +133,7 @@ class ImageShardDownloader:
                 raise RuntimeError(
                     f"img2dataset failed on url shard {shard_id} ({url_shard}); see the log above"
                 )
-            produced = image_shard_paths(work, shard_id)
+            produced = shard_paths(work, shard_id)
             repack_sorted(produced["tar"], final["tar"])
             self._complete_status(produced["parquet"], final["parquet"], shard_id, table)
             stats_bytes = produced["stats"].read_bytes()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from annotators.faces import FaceConfig, FaceCropper
-from pipeline.sink import ShardWriter, iter_tar_samples, write_json_atomic, write_parquet_atomic
+from pipeline.sink import ShardWriter, iter_tar_samples, shard_paths, write_json_atomic, write_parquet_atomic
 
 IMAGE_META_FIELDS = {
     "url": "url",
@@ -28,15 +28,6 @@ IMAGE_META_FIELDS = {
 }
 
 
-def face_shard_paths(faces_dir: Path, shard_id: int) -> dict[str, Path]:
-    name = f"{shard_id:05d}"
-    return {
-        "tar": faces_dir / f"{name}.tar",
-        "parquet": faces_dir / f"{name}.parquet",
-        "stats": faces_dir / f"{name}_stats.json",
-    }
-
-
 class FaceShardProcessor:
     """Crops the faces of one image shard, atomically and idempotently (plain class, no Beam)."""
 
@@ -45,10 +36,10 @@ class FaceShardProcessor:
         self.faces_dir = Path(faces_dir)
 
     def is_done(self, shard_id: int) -> bool:
-        return face_shard_paths(self.faces_dir, shard_id)["stats"].exists()
+        return shard_paths(self.faces_dir, shard_id)["stats"].exists()
 
     def process(self, shard_id: int, image_tar: Path) -> dict:
-        final = face_shard_paths(self.faces_dir, shard_id)
+        final = shard_paths(self.faces_dir, shard_id)
         if final["stats"].exists():
             return json.loads(final["stats"].read_text())
         statuses: list[dict] = []

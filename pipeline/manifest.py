@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline.config import RunConfig
-from pipeline.sink import shard_info, split_member_name, write_json_atomic, write_sizes
+from pipeline.sink import shard_info, shard_paths, split_member_name, write_json_atomic, write_sizes
 from schemas import RunManifest, ShardInfo, ShardManifest
 
 TRACKED_PACKAGES = (
@@ -49,9 +49,10 @@ def shard_stage_manifest(out: Path, stage: str) -> ShardManifest:
     shards: list[ShardInfo] = []
     counts: Counter[str] = Counter()
     for shard_id in completed_shards(stage_dir):
-        tar = stage_dir / f"{shard_id:05d}.tar"
+        paths = shard_paths(stage_dir, shard_id)
+        tar = paths["tar"]
         shards.append(shard_info(tar, count_tar_keys(tar), url=f"{stage}/{tar.name}"))
-        status = pq.read_table(stage_dir / f"{shard_id:05d}.parquet", columns=["status"])
+        status = pq.read_table(paths["parquet"], columns=["status"])
         counts.update(status["status"].to_pylist())
     counts["samples"] = sum(s.nsamples for s in shards)
     return ShardManifest(stage=stage, shards=shards, counts=dict(sorted(counts.items())))

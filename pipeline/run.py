@@ -77,11 +77,11 @@ class FacesDoFn(beam.DoFn):
         self.processor = FaceShardProcessor(self.config.faces, Path(self.config.out) / "faces")
 
     def process(self, shard_id: int):
-        from pipeline.download import image_shard_paths
+        from pipeline.sink import shard_paths
 
         skipped = self.processor.is_done(shard_id)
         stats = self.processor.process(
-            shard_id, image_shard_paths(Path(self.config.out) / "images", shard_id)["tar"]
+            shard_id, shard_paths(Path(self.config.out) / "images", shard_id)["tar"]
         )
         if not skipped:
             Metrics.counter(METRICS_NAMESPACE, "faces_kept").inc(stats["faces"])

@@ -211,6 +211,20 @@ def repack_sorted(source: Path, final: Path) -> int:
         return writer.count
 
 
+SHARD_ID_DIGITS = 5
+
+
+def shard_paths(folder: Path, shard_id: int) -> dict[str, Path]:
+    """A stage's files for one shard: the tar, its status parquet, and the stats file that marks
+    the shard complete (img2dataset's naming, which every stage follows)."""
+    name = f"{shard_id:0{SHARD_ID_DIGITS}d}"
+    return {
+        "tar": folder / f"{name}.tar",
+        "parquet": folder / f"{name}.parquet",
+        "stats": folder / f"{name}_stats.json",
+    }
+
+
 def write_sizes(folder: Path, shards: Iterable[ShardInfo]) -> None:
     """``sizes.json`` as open_clip reads it: shard file name -> number of samples."""
     write_json_atomic(folder / "sizes.json", {Path(s.url).name: s.nsamples for s in shards})

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from annotators.faces import FaceConfig
-from pipeline.faces import FACE_STATUS_SCHEMA, FaceShardProcessor, face_shard_paths
-from pipeline.sink import ShardWriter, UnsafeTarError, iter_tar_samples
+from pipeline.faces import FACE_STATUS_SCHEMA, FaceShardProcessor
+from pipeline.sink import ShardWriter, UnsafeTarError, iter_tar_samples, shard_paths
 from schemas import FaceRecord, FaceStatus
 from tests.photos import insightface_masks, insightface_t1
 
@@ -33,7 +33,7 @@ def test_shard_gets_faces_a_status_per_image_and_a_marker(processor, tmp_path):
             meta = {"url": f"http://host/{path.name}", "SAMPLE_ID": 7, "caption": "alt", "LICENSE": "?"}
             writer.add(key, {"jpg": path.read_bytes(), "json": json.dumps(meta).encode()})
     stats = processor.process(7, images)
-    paths = face_shard_paths(processor.faces_dir, 7)
+    paths = shard_paths(processor.faces_dir, 7)
     assert stats == json.loads(paths["stats"].read_text())
     assert stats["images"] == 2 and stats["faces"] == 6 and stats["status"] == {"success": 1, "no_face": 1}
     rows = pq.read_table(paths["parquet"]).to_pylist()
@@ -59,5 +59,5 @@ def test_hostile_image_tar_is_rejected_and_leaves_no_shard(processor, tmp_path, 
     images.write_bytes(buffer.getvalue())
     with pytest.raises(UnsafeTarError):
         processor.process(9, images)
-    assert not any(path.exists() for path in face_shard_paths(processor.faces_dir, 9).values())
+    assert not any(path.exists() for path in shard_paths(processor.faces_dir, 9).values())
     assert not list(processor.faces_dir.glob(".*tmp*"))
