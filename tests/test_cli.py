@@ -122,3 +122,17 @@ def test_missing_id_list_is_reported_before_the_pipeline_starts(tmp_path):
     )
     result = facemllm("run", str(config))
     assert result.returncode == 2 and "select.ids" in result.stderr and not out.exists()
+
+
+def test_direct_runner_is_the_fn_api_runner_never_prism():
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    from pipeline.config import RunnerConfig
+    from pipeline.runners import make_runner, pipeline_options
+
+    assert isinstance(make_runner(RunnerConfig()), FnApiRunner)
+    options = pipeline_options(RunnerConfig()).get_all_options()
+    assert options["direct_running_mode"] == "multi_processing" and options["direct_num_workers"] == 2
+    flink = pipeline_options(RunnerConfig(runner="flink", options=["--flink_master=host:8081"])).get_all_options()
+    assert flink["runner"] == "FlinkRunner" and flink["flink_master"] == "host:8081"
+    assert make_runner(RunnerConfig(runner="flink")) is None
