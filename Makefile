@@ -8,26 +8,35 @@ UV_FIND_LINKS := $(if $(wildcard $(FIND_LINKS)),--find-links $(FIND_LINKS),)
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install test demo bench lint clean
+.PHONY: install vllm test demo bench lint clean
 
 install: $(STAMP)
+
+# The vLLM CPU server venv (annotate tests, benchmark): ~/.cache/facemllm/vllm-<hash>, built once.
+# The demo does not need it (it annotates with the template annotator).
+vllm:
+	@PYTHON=$(PYTHON) bash scripts/install_vllm.sh
 
 $(STAMP): pyproject.toml
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install -q uv
 	@test -x $(BIN)/python || uv venv -q --seed --python $(PYTHON) $(VENV)
-	uv pip install -q --python $(BIN)/python $(UV_FIND_LINKS) -e '.[test]'
+	uv pip install -q --compile-bytecode --python $(BIN)/python $(UV_FIND_LINKS) -e '.[test]'
 	$(BIN)/python -m annotators.model_store
 	@rm -f $(VENV)/.installed-* && touch $@
 
-test: install
+test: install vllm
 	$(BIN)/python -m pytest -q
 
 demo: install
 	$(BIN)/facemllm demo --out demo-out
 
-bench: install
+bench: install vllm
 	$(BIN)/python -m benchmarks.bench_download
 	$(BIN)/python -m benchmarks.bench_faces
+	$(BIN)/python -m benchmarks.bench_reformat
+	$(BIN)/python -m benchmarks.bench_annotate
+	$(BIN)/python -m benchmarks.bench_publish
+	$(BIN)/python -m benchmarks.bench_train
 
 lint: install
 	$(BIN)/ruff check .

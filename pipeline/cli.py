@@ -43,6 +43,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out), args.overrides)
 
 
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from pipeline.annotate import run_annotate
+    from pipeline.annotate_cli import annotate_job_from_args
+    from pipeline.manifest import print_summary
+    from schemas import RunManifest
+
+    annotate, runner = annotate_job_from_args(args)
+    manifest = run_annotate(Path(args.input), Path(args.out), annotate, runner)
+    print_summary(RunManifest(config_hash="-", package_versions={}, stages={"annotations": manifest}))
+    return 0
+
+
 def cmd_detect(args: argparse.Namespace) -> int:
     from annotators.faces import FaceConfig, detect_paths
     from pipeline.config import apply_overrides
@@ -50,6 +62,85 @@ def cmd_detect(args: argparse.Namespace) -> int:
     config = FaceConfig.model_validate(apply_overrides({}, args.overrides))
     for line in detect_paths([Path(p) for p in args.images], config):
         print(json.dumps(line), flush=True)
+    return 0
+
+
+def cmd_reformat(args: argparse.Namespace) -> int:
+    from pipeline.manifest import print_summary
+    from pipeline.reformat import load_reformat_config, run_reformat
+
+    config = load_reformat_config(
+        args.config,
+        args.overrides,
+        dataset=args.dataset,
+        root=args.root,
+        out=args.out,
+        llava=True if args.format == "llava" else None,
+    )
+    print_summary(run_reformat(config))
+    return 0
+
+
+def _add_storage_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--endpoint-url",
+        help="S3-compatible endpoint (default: $FACEMLLM_S3_ENDPOINT, else AWS); credentials come "
+        "from the AWS environment variables or config files only",
+    )
+    parser.add_argument("--parallel", type=int, default=8, help="objects transferred at once (default 8)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _storage_options(args: argparse.Namespace):
+    from pipeline.storage import StorageOptions
+
+    return StorageOptions(
+        endpoint_url=args.endpoint_url, parallel=args.parallel, progress=not args.no_progress
+    )
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from pipeline.publish import publish
+
+    print(publish(Path(args.out), args.dest, _storage_options(args)).model_dump_json(indent=2))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.publish import verify
+
+    report = verify(args.dest, _storage_options(args), args.version)
+    for problem in report.problems:
+        print(f"MISMATCH {problem.url}: {problem.problem}", file=sys.stderr)
+    print(report.model_dump_json(indent=2))
+    return 0 if report.ok else 1
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    from pipeline.publish import RemovalRequest, remove
+
+    report = remove(args.dest, RemovalRequest.from_file(Path(args.ids)), _storage_options(args))
+    print(report.model_dump_json(indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.config import load_train_config
+
+    config = load_train_config(args.config, args.overrides)  # a bad config stops before torch loads
+    from training.loop import train
+
+    summary = train(config)
+    return 0 if summary["status"] in ("completed", "interrupted") else 1
+
+
+def cmd_laion_face_qa(args: argparse.Namespace) -> int:
+    from pipeline.config import apply_overrides
+    from reformatters.laion_face import LaionFaceQAConfig, reformat_annotations
+
+    config = LaionFaceQAConfig.model_validate(apply_overrides({}, args.overrides))
+    summary = reformat_annotations(args.annotations, args.out, config)
+    print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 
 
@@ -84,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(demo)
     demo.set_defaults(func=cmd_demo)
 
+    annotate = commands.add_parser(
+        "annotate",
+        help="caption and label face shards with an MLLM server (or the template annotator)",
+        description="Annotate face shards: each face crop goes to an OpenAI-compatible server (a "
+        "running one with --endpoint, or a vLLM server the stage starts with --server-model); "
+        "writes annotation shards and a status row per face.",
+    )
+    from pipeline.annotate_cli import add_annotate_arguments
+
+    add_annotate_arguments(annotate)
+    _add_overrides(annotate)
+    annotate.set_defaults(func=cmd_annotate)
+
     detect = commands.add_parser(
         "detect",
         help="print the faces of images as JSON lines",
@@ -92,6 +196,82 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("images", nargs="+", help="image files")
     _add_overrides(detect)
     detect.set_defaults(func=cmd_detect)
+
+    reformat = commands.add_parser(
+        "reformat",
+        help="rewrite CelebA, RAF-DB, UTKFace or FairFace into QA shards",
+        description="Turn a dataset in its native layout into QA WebDataset shards per split under "
+        "OUT/<dataset>/<split>/, with a status table and a manifest, on the configured Beam runner.",
+    )
+    reformat.add_argument("dataset", choices=["celeba", "rafdb", "utkface", "fairface"])
+    reformat.add_argument("--root", required=True, help="the dataset's folder, in its native layout")
+    reformat.add_argument("--out", required=True, help="QA output folder (e.g. OUT/qa)")
+    reformat.add_argument(
+        "--format",
+        choices=["webdataset", "llava"],
+        default="webdataset",
+        help="llava: also write LLaVA's JSON conversation lists and an image folder",
+    )
+    reformat.add_argument("--config", help=f"YAML reformat config (examples in {REPO_CONFIGS})")
+    _add_overrides(reformat)
+    reformat.set_defaults(func=cmd_reformat)
+
+    publish = commands.add_parser(
+        "publish",
+        help="upload a finished run's shards, then its manifest, to a URL",
+        description="Upload OUT's shards (and the QA datasets under it) to DEST (s3://, gs:// or any "
+        "fsspec URL), then the manifest as the commit point. A rerun resumes: shards already there "
+        "with the right sha256 are skipped.",
+    )
+    publish.add_argument("out", help="the run's output folder (holds manifest.json)")
+    publish.add_argument("dest", help="where to publish, e.g. s3://bucket/facemllm/v1")
+    _add_storage_options(publish)
+    publish.set_defaults(func=cmd_publish)
+
+    verify = commands.add_parser(
+        "verify",
+        help="check every published shard against the manifest",
+        description="Read back every shard of DEST and compare its sha256, sample count and size with "
+        "the manifest; names every shard that differs and exits 1 if any does.",
+    )
+    verify.add_argument("dest")
+    verify.add_argument("--version", type=int, help="a published version (default: the current one)")
+    _add_storage_options(verify)
+    verify.set_defaults(func=cmd_verify)
+
+    remove = commands.add_parser(
+        "remove",
+        help="take samples out of a published dataset (takedown and opt-out requests)",
+        description="Rewrite only the shards holding the listed samples, in every stage, and publish "
+        "the result as a new manifest version; earlier versions stay readable.",
+    )
+    remove.add_argument("dest")
+    remove.add_argument("--ids", required=True, help="file with one SAMPLE_ID or source url per line")
+    _add_storage_options(remove)
+    remove.set_defaults(func=cmd_remove)
+
+    train = commands.add_parser(
+        "train",
+        help="run one training stage (1 alignment, 2 basic VQA, 3 face tasks)",
+        description="Train one stage of a YAML training config on the WebDataset shards it names. "
+        "One process here; for several GPUs: torchrun --nproc_per_node N -m training CONFIG.",
+    )
+    train.add_argument(
+        "config", help=f"YAML stage config (stage1.yaml, stage2.yaml, stage3.yaml in {REPO_CONFIGS})"
+    )
+    _add_overrides(train)
+    train.set_defaults(func=cmd_train)
+
+    laion_qa = commands.add_parser(
+        "laion-face-qa",
+        help="annotation shards -> stage-1 caption and stage-2 VQA shards",
+        description="Turn LAION-Face annotation shards (KEY.jpg, KEY.txt, KEY.json FaceAnnotation) into "
+        "QA shards: OUT/laion_face_caption/<split>/ for stage 1, OUT/laion_face_vqa/<split>/ for stage 2.",
+    )
+    laion_qa.add_argument("annotations", help="folder of annotation shards (OUT/annotations)")
+    laion_qa.add_argument("--out", required=True, help="QA output folder (e.g. OUT/qa)")
+    _add_overrides(laion_qa)
+    laion_qa.set_defaults(func=cmd_laion_face_qa)
 
     schema = commands.add_parser("schema", help="record schemas", description="Record schema tools.")
     schema_commands = schema.add_subparsers(dest="schema_command", required=True)

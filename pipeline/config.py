@@ -15,11 +15,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from annotators.annotate_config import ANNOTATE_RUNTIME_FIELDS, AnnotateConfig
 from annotators.face_config import FaceConfig
 from pipeline.netguard import DestinationPolicy
 
-Stage = Literal["select", "download", "faces"]
-ALL_STAGES: tuple[Stage, ...] = ("select", "download", "faces")
+Stage = Literal["select", "download", "faces", "annotate"]
+ALL_STAGES: tuple[Stage, ...] = ("select", "download", "faces", "annotate")
 
 
 class StrictModel(BaseModel):
@@ -94,6 +95,7 @@ class RunConfig(StrictModel):
     select: SelectConfig
     download: DownloadConfig = DownloadConfig()
     faces: FaceConfig = FaceConfig()
+    annotate: AnnotateConfig = AnnotateConfig()
     runner: RunnerConfig = RunnerConfig()
 
     def output_hash(self) -> str:
@@ -105,6 +107,7 @@ class RunConfig(StrictModel):
                 "runner": True,
                 "download": {"thread_count"},
                 "faces": {"intra_op_threads"},
+                "annotate": ANNOTATE_RUNTIME_FIELDS,
             },
         )
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

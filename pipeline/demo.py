@@ -63,6 +63,11 @@ def run_demo(out: Path, overrides: list[str] = ()) -> int:
     for (stage, outcome), (want, got) in mismatches.items():
         print(f"MISMATCH {stage}/{outcome}: expected {want}, got {got}")
     faces = manifest.stages["faces"].counts.get("samples", 0)
+    if "annotations" in manifest.stages:  # the template annotator answers every face
+        annotated = manifest.stages["annotations"].counts.get("success", 0)
+        if annotated != faces:
+            mismatches[("annotations", "success")] = (faces, annotated)
+            print(f"MISMATCH annotations/success: expected {faces}, got {annotated}")
     print(
         f"demo: {observed[('images', 'success')]} images, {faces} faces -> {out}/faces "
         f"({'counts match the sample' if not mismatches else 'COUNTS DIFFER'})"

@@ -31,7 +31,7 @@ TRACKED_PACKAGES = (
     "pyarrow",
     "numpy",
 )
-SHARD_STAGES = ("images", "faces")
+SHARD_STAGES = ("images", "faces", "annotations")
 
 
 def count_tar_keys(path: Path) -> int:

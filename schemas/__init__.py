@@ -1,6 +1,8 @@
 """pydantic records: the contracts between facemllm stages."""
 
+from schemas.annotation import ANNOTATION_RECORDS, AnnotationStatus, FaceAnnotation, FaceAttributes
 from schemas.export import export_json_schemas
+from schemas.qa import QA_RECORDS, AnswerStyle, QALabel, QASample, QATask, ReformatStatus, SourceDataset, Turn
 from schemas.records import (
     ALL_RECORDS,
     SCHEMA_VERSION,
@@ -10,6 +12,8 @@ from schemas.records import (
     FaceRecord,
     FaceStatus,
     LaionRow,
+    PublishedManifest,
+    RemovalSummary,
     RunManifest,
     ShardInfo,
     ShardManifest,
@@ -17,15 +21,29 @@ from schemas.records import (
 
 __all__ = [
     "ALL_RECORDS",
+    "ANNOTATION_RECORDS",
+    "QA_RECORDS",
     "SCHEMA_VERSION",
+    "AnnotationStatus",
+    "AnswerStyle",
     "CropGeometry",
     "DownloadStatus",
+    "FaceAnnotation",
+    "FaceAttributes",
     "FaceDetection",
     "FaceRecord",
     "FaceStatus",
     "LaionRow",
+    "PublishedManifest",
+    "QALabel",
+    "QASample",
+    "QATask",
+    "ReformatStatus",
+    "RemovalSummary",
     "RunManifest",
     "ShardInfo",
     "ShardManifest",
+    "SourceDataset",
+    "Turn",
     "export_json_schemas",
 ]

@@ -136,6 +136,26 @@ class RunManifest(Record):
     stages: dict[str, ShardManifest]
 
 
+class RemovalSummary(Record):
+    """What a removal took out, without repeating the requested ids or urls in public."""
+
+    request_sha256: str = Field(description="sha256 of the sorted, de-duplicated request entries")
+    requested: int = Field(description="distinct SAMPLE_IDs and urls in the request")
+    matched: int = Field(description="request entries that matched at least one sample")
+    removed: dict[str, int] = Field(description="stage -> samples removed")
+
+
+class PublishedManifest(RunManifest):
+    """``manifest.vN.json`` (immutable) and ``manifest.json`` (the current version) of a published run.
+
+    Shard urls are relative to the published prefix. A plain run manifest reads as version 1.
+    """
+
+    version: int = Field(1, ge=1)
+    parent: int | None = Field(None, description="the version this one was derived from")
+    removal: RemovalSummary | None = Field(None, description="set on versions made by a removal")
+
+
 ALL_RECORDS: tuple[type[BaseModel], ...] = (
     LaionRow,
     DownloadStatus,
@@ -146,4 +166,6 @@ ALL_RECORDS: tuple[type[BaseModel], ...] = (
     ShardInfo,
     ShardManifest,
     RunManifest,
+    RemovalSummary,
+    PublishedManifest,
 )

@@ -1,0 +1,395 @@
+"""The one storage layer: local folders and object stores (``s3://``, ``gs://``, any fsspec URL).
+
+The sink, the publisher and the shard readers all go through ``Storage``, so retries, checksums,
+multipart and credentials are decided in one place:
+
+- credentials come only from the provider's own chain (AWS environment variables, shared config
+  and instance roles for S3; application-default credentials for GCS); an S3-compatible endpoint
+  is set with ``StorageOptions.endpoint_url`` or ``$FACEMLLM_S3_ENDPOINT``.
+- every call is retried with exponential backoff and jitter on transient failures (dropped
+  connections, 5xx, throttling), above the client's own retries; a missing bucket or a denied
+  request fails at once.
+- uploads record the file's sha256 in the object's metadata (S3), so a resumed upload skips an
+  object when one HEAD shows the right size and sha256; where a store keeps no such metadata, the
+  object is read back and hashed instead. Files of two multipart chunks or more go up as
+  multipart uploads.
+- object stores have no rename, but a single put (or a completed multipart upload) appears whole
+  or not at all; so a unit of work is made visible by uploading its completion marker last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import IO, TypeVar
+
+import fsspec
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.sink import atomic_path, sha256_file, write_bytes_atomic
+
+ENDPOINT_ENV = "FACEMLLM_S3_ENDPOINT"
+STAGING_ENV = "FACEMLLM_STAGING"
+S3_PROTOCOLS = ("s3", "s3a")
+SHA256_METADATA_KEY = "sha256"
+MIB = 1 << 20
+S3_MIN_PART_BYTES = 5 * MIB
+READ_BLOCK_BYTES = 8 * MIB
+# Errors that another attempt cannot fix: a missing bucket or object, a denied request, a bad input.
+NOT_RETRYABLE = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError)
+
+log = logging.getLogger(__name__)
+Job = TypeVar("Job")
+Result = TypeVar("Result")
+
+
+class StorageOptions(BaseModel):
+    """How to reach a store and how hard to try; credentials are never part of it."""
+
+    model_config = ConfigDict(extra="forbid")
+    endpoint_url: str | None = Field(
+        None, description=f"S3-compatible endpoint (default ${ENDPOINT_ENV}, else AWS's own)"
+    )
+    parallel: int = Field(8, ge=1, description="files transferred at once")
+    attempts: int = Field(6, ge=1, description="tries per object before giving up")
+    backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles on each retry, with jitter")
+    multipart_chunk_bytes: int = Field(
+        64 * MIB, ge=S3_MIN_PART_BYTES, description="part size; files of two parts or more go multipart"
+    )
+    progress: bool = Field(True, description="show a progress bar when attached to a terminal")
+
+    def resolved_endpoint(self) -> str | None:
+        return self.endpoint_url or os.environ.get(ENDPOINT_ENV) or None
+
+
+class TransferError(OSError):
+    """An object could not be transferred, even after every retry."""
+
+
+def protocol_of(location: str) -> str:
+    protocol, _ = fsspec.core.split_protocol(str(location))
+    return protocol or "file"
+
+
+def is_remote(location: str | Path) -> bool:
+    """True for any fsspec URL other than a plain local path or ``file://``."""
+    return protocol_of(str(location)) not in ("file", "local")
+
+
+def filesystem_options(protocol: str, options: StorageOptions) -> dict:
+    """fsspec keyword arguments for ``protocol``: listing caches off (another writer may change the
+    store at any time), and for S3 the endpoint override, a read block and a connection pool sized
+    to the parallelism."""
+    kwargs: dict = {"use_listings_cache": False}
+    if protocol in S3_PROTOCOLS:
+        kwargs["default_block_size"] = READ_BLOCK_BYTES
+        kwargs["config_kwargs"] = {"max_pool_connections": max(10, 2 * options.parallel)}
+        if endpoint := options.resolved_endpoint():
+            kwargs["client_kwargs"] = {"endpoint_url": endpoint}
+    return kwargs
+
+
+def open_url(url: str, mode: str = "rb", options: StorageOptions | None = None) -> IO[bytes]:
+    """Open any local path or fsspec URL as a binary file."""
+    options = options or StorageOptions()
+    fs, path = fsspec.core.url_to_fs(url, **filesystem_options(protocol_of(url), options))
+    return fs.open(path, mode)
+
+
+class Storage:
+    """A folder or object-store prefix; every path given to it is relative to ``root``."""
+
+    def __init__(self, root: str | Path, options: StorageOptions | None = None):
+        self.options = options or StorageOptions()
+        self.root_url = str(root).rstrip("/")
+        self.protocol = protocol_of(self.root_url)
+        self.fs, root_path = fsspec.core.url_to_fs(
+            self.root_url, **filesystem_options(self.protocol, self.options)
+        )
+        self.root = root_path.rstrip("/")
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def url(self, rel: str) -> str:
+        return f"{self.root_url}/{rel}"
+
+    def retrying(self, what: str, call: Callable[[], Result]) -> Result:
+        """``call()``, retried with exponential backoff and jitter on errors another try may fix."""
+        for attempt in range(1, self.options.attempts + 1):
+            try:
+                return call()
+            except NOT_RETRYABLE:
+                raise
+            except Exception as err:
+                if attempt == self.options.attempts:
+                    raise TransferError(f"{what}: failed after {attempt} attempts: {err!r}") from err
+                delay = self.options.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
+                log.warning("%s: attempt %d failed (%r); retrying in %.2fs", what, attempt, err, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    # --- small objects -------------------------------------------------------------------------
+
+    def exists(self, rel: str) -> bool:
+        return self.retrying(f"check {self.url(rel)}", lambda: self.fs.exists(self.path(rel)))
+
+    def stat(self, rel: str) -> tuple[int | None, str | None]:
+        """(size, recorded sha256) of an object, in one request; (None, None) if it does not exist.
+
+        The sha256 is the one its uploader stored in the object's metadata (S3); None elsewhere.
+        """
+
+        def look() -> tuple[int | None, str | None]:
+            try:
+                if self.protocol in S3_PROTOCOLS:
+                    bucket, key, _ = self.fs.split_path(self.path(rel))
+                    head = self.fs.call_s3("head_object", Bucket=bucket, Key=key)
+                    return head["ContentLength"], head.get("Metadata", {}).get(SHA256_METADATA_KEY)
+                return self.fs.info(self.path(rel))["size"], None
+            except FileNotFoundError:
+                return None, None
+
+        return self.retrying(f"stat {self.url(rel)}", look)
+
+    def size(self, rel: str) -> int | None:
+        """The object's size, or None when it does not exist."""
+        return self.stat(rel)[0]
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.retrying(f"read {self.url(rel)}", lambda: self.fs.cat_file(self.path(rel)))
+
+    def write_bytes(self, rel: str, payload: bytes) -> None:
+        """One put: the object appears whole or not at all on an object store."""
+        if not is_remote(self.root_url):
+            write_bytes_atomic(Path(self.path(rel)), payload)
+            return
+        self.retrying(f"write {self.url(rel)}", lambda: self.fs.pipe_file(self.path(rel), payload))
+
+    def read_json(self, rel: str) -> object:
+        return json.loads(self.read_bytes(rel))
+
+    def write_json(self, rel: str, obj: object) -> None:
+        self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+    def glob(self, pattern: str) -> list[str]:
+        """Relative paths matching ``pattern`` (fsspec glob syntax), sorted."""
+        found = self.retrying(f"list {self.url(pattern)}", lambda: self.fs.glob(self.path(pattern)))
+        prefix = self.root + "/"
+        return sorted(p.removeprefix(prefix) for p in found)
+
+    # --- files ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def open_read(self, rel: str) -> Iterator[IO[bytes]]:
+        with self.fs.open(self.path(rel), "rb") as stream:
+            yield stream
+
+    def sha256(self, rel: str) -> str:
+        """Read the object back and hash it (the only check that trusts nothing but the bytes)."""
+
+        def digest() -> str:
+            hasher = hashlib.sha256()
+            with self.open_read(rel) as stream:
+                while block := stream.read(MIB):
+                    hasher.update(block)
+            return hasher.hexdigest()
+
+        return self.retrying(f"hash {self.url(rel)}", digest)
+
+    def holds(self, rel: str, size: int, sha256: str) -> bool:
+        """True if the object exists with this size and sha256 (recorded at upload, else re-hashed)."""
+        stored_size, recorded = self.stat(rel)
+        if stored_size != size:
+            return False
+        return (recorded or self.sha256(rel)) == sha256
+
+    def put(self, local: Path, rel: str, sha256: str) -> None:
+        """Upload ``local`` to ``rel``, overwriting, with its sha256 in the object's metadata (S3).
+
+        The bytes sent are hashed on the way and must match ``sha256`` (a ``LocalFileChangedError``
+        otherwise), so a recorded sha256 is always the object's. A file below two multipart chunks
+        is read once, hashed and sent from memory; a larger one is hashed, then sent in parts. Each
+        request carries a checksum of its body (botocore's default) for the store to check.
+        """
+        s3 = self.protocol in S3_PROTOCOLS
+        if s3 and local.stat().st_size < 2 * self.options.multipart_chunk_bytes:
+            payload = local.read_bytes()
+            _check_sha256(local, hashlib.sha256(payload).hexdigest(), sha256)
+            send = partial(self.fs.pipe_file, self.path(rel), payload, Metadata={SHA256_METADATA_KEY: sha256})
+        else:
+            _check_sha256(local, sha256_file(local), sha256)
+            if not is_remote(self.root_url):
+                send = partial(_copy_atomic, local, Path(self.path(rel)))
+            else:
+                options = {
+                    "Metadata": {SHA256_METADATA_KEY: sha256},
+                    "chunksize": self.options.multipart_chunk_bytes,
+                }
+                send = partial(self.fs.put_file, str(local), self.path(rel), **(options if s3 else {}))
+        self.retrying(f"upload {local} -> {self.url(rel)}", send)
+
+    def upload(self, local: Path, rel: str, sha256: str | None = None) -> bool:
+        """Put ``local`` at ``rel`` unless it is already there with the same bytes; True if it was put."""
+        sha256 = sha256 or sha256_file(local)
+        if self.holds(rel, local.stat().st_size, sha256):
+            return False
+        self.put(local, rel, sha256)
+        return True
+
+    def download(self, rel: str, local: Path) -> None:
+        """Copy ``rel`` to ``local`` through a temporary sibling, so ``local`` is never partial."""
+
+        def get() -> None:
+            with atomic_path(local) as tmp:
+                self.fs.get_file(self.path(rel), str(tmp))
+
+        self.retrying(f"download {self.url(rel)}", get)
+
+    def parallel(
+        self,
+        jobs: Sequence[Job],
+        work: Callable[[Job], Result],
+        desc: str,
+        size_of: Callable[[Job], int] | None = None,
+    ) -> list[Result]:
+        """``work`` over ``jobs`` on ``options.parallel`` threads, in job order, with a progress bar
+        (in bytes when ``size_of`` gives each job's size, else in jobs).
+
+        The first failure cancels the jobs not yet started and is raised once running ones end.
+        """
+        from tqdm import tqdm
+
+        weight = size_of or (lambda _: 1)
+        results: dict[int, Result] = {}
+        with (
+            tqdm(
+                total=sum(weight(job) for job in jobs),
+                desc=desc,
+                unit="B" if size_of else "it",
+                unit_scale=True,
+                disable=None if self.options.progress else True,
+            ) as bar,
+            ThreadPoolExecutor(max_workers=self.options.parallel) as pool,
+        ):
+            futures = {pool.submit(work, job): index for index, job in enumerate(jobs)}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    if future.exception() is not None:
+                        for other in pending:
+                            other.cancel()
+                        raise future.exception()
+                    index = futures[future]
+                    results[index] = future.result()
+                    bar.update(weight(jobs[index]))
+        return [results[index] for index in range(len(jobs))]
+
+
+class LocalFileChangedError(ValueError):
+    """A file to upload no longer has the sha256 it was listed with."""
+
+
+def _check_sha256(local: Path, got: str, expected: str) -> None:
+    if got != expected:
+        raise LocalFileChangedError(
+            f"{local} has sha256 {got}, expected {expected}: it changed since it was listed"
+        )
+
+
+def _copy_atomic(source: Path, final: Path) -> None:
+    with atomic_path(final) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def local_folder(out: str) -> Path:
+    """Where a run's stages write: ``out`` itself, or for an object-store URL its local mirror
+    (``$FACEMLLM_STAGING``, else the cache folder's ``staging/``, one subfolder per URL)."""
+    if not is_remote(out):
+        return Path(out)
+    from annotators.model_store import default_cache_dir
+
+    root = Path(os.environ.get(STAGING_ENV) or default_cache_dir() / "staging").expanduser()
+    return root / hashlib.sha256(out.rstrip("/").encode()).hexdigest()[:16]
+
+
+class RunStore:
+    """Where a pipeline run's files live, for stages that only know local paths.
+
+    For a local ``out`` this does nothing: stages write there directly. For an object-store
+    ``out``, stages write complete files into a local mirror (temporary name, then rename, as
+    always) and each finished unit of work is uploaded with its completion marker last, so the
+    store never shows a marker whose files are missing. A unit that another worker or an earlier
+    run completed in the store is brought into the mirror, marker last, before a stage looks at it.
+    """
+
+    def __init__(self, out: str, options: StorageOptions | None = None):
+        self.remote = Storage(out, options) if is_remote(out) else None
+        self.local = local_folder(out)
+
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.local).as_posix()
+
+    def fetch(self, path: Path) -> None:
+        """Make sure the mirror holds ``path`` (an input another worker may have produced)."""
+        if self.remote is not None and not path.exists():
+            self.remote.download(self._rel(path), path)
+
+    def fetch_completed(self, marker: Path, *files: Path) -> None:
+        """Bring a unit completed in the store into the mirror: its files, then its marker."""
+        if self.remote is None or marker.exists() or not self.remote.exists(self._rel(marker)):
+            return
+        for path in (*files, marker):
+            self.remote.download(self._rel(path), path)
+
+    def push_completed(self, marker: Path, *files: Path) -> None:
+        """Upload a completed unit: its files, then its marker; a unit already in the store is skipped."""
+        if self.remote is None or self.remote.exists(self._rel(marker)):
+            return
+        for path in (*files, marker):
+            self.remote.upload(path, self._rel(path))
+
+    def push(self, *paths: Path) -> None:
+        """Upload files in order, each unless the store holds the same bytes: the last is the commit point."""
+        for path in paths if self.remote is not None else ():
+            self.remote.upload(path, self._rel(path))
+
+    def in_store(self, pattern: str) -> list[Path]:
+        """Mirror paths of the store's files matching ``pattern`` (relative to ``out``)."""
+        return [self.local / rel for rel in self.remote.glob(pattern)] if self.remote is not None else []
+
+
+def enable_webdataset_urls(
+    options: StorageOptions | None = None, schemes: Sequence[str] = ("s3", "gs", "gcs")
+) -> None:
+    """Let ``webdataset.WebDataset`` and ``wids`` read these URL schemes through fsspec, so
+    ``WebDataset("s3://bucket/ds/faces/{00000..00009}.tar")`` works (same endpoint and credentials).
+
+    webdataset 0.2.111 has no ``s3://`` opener and shells out to ``gsutil`` for ``gs://``.
+    """
+    from wids import wids_dl
+
+    gopen_module = importlib.import_module("webdataset.gopen")  # the package shadows it with a function
+
+    def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: object) -> IO[bytes]:
+        return open_url(url, mode, options)
+
+    def copy_to_local(remote: str, local: str) -> None:
+        folder, _, name = remote.rpartition("/")
+        Storage(folder, options).download(name, Path(local))
+
+    for scheme in schemes:
+        gopen_module.gopen_schemes[scheme] = gopen_fsspec
+        wids_dl.default_cmds[scheme] = copy_to_local

@@ -1,0 +1,83 @@
+"""UTKFace: labels live in file names, ``[age]_[gender]_[race]_[date&time].jpg``.
+
+Every file under ``--root`` is an input (point it at one set: ``UTKFace/`` of aligned-cropped
+``.jpg.chip.jpg`` files, ``crop_part1/``, or the in-the-wild ``part1..3/``). Names that break the
+scheme (a missing race field, a space before the extension, a missing dot) are rejected as
+``bad_name``. Gender 0 male, 1 female; race 0 White, 1 Black, 2 Asian, 3 Indian, 4 Others.
+
+UTKFace has no official split. Ours is stratified and seeded: files are grouped by (age band,
+gender, race); within a group they are ordered by sha256 of ``{seed}/{relative path}``, and the
+file at position i of n goes to the first split whose cumulative fraction exceeds (i + 0.5) / n.
+Each group is thus divided in the configured proportions (train 0.8, val 0.1, test 0.1 by
+default), and a file's split depends only on its group and the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import defaultdict
+from dataclasses import replace
+
+from reformatters.base import DatasetReformatter, InputRow, Rejection
+from reformatters.demographics import PerceivedDemographics, age_band, demographic_pairs
+from reformatters.qa import Category, LabelSpace, QAPair
+
+NAME = re.compile(r"(?P<age>\d+)_(?P<gender>\d+)_(?P<race>\d+)_(?P<taken>\d+)\.jpg(?:\.chip\.jpg)?")
+MAX_AGE = 116
+GENDER_CODES = {"0": "male", "1": "female"}
+RACE_CODES = {"0": "white", "1": "black", "2": "asian", "3": "indian", "4": "other"}
+RACES = LabelSpace(
+    [
+        Category("white", "White", "White"),
+        Category("black", "Black", "Black"),
+        Category("asian", "Asian", "Asian"),
+        Category("indian", "Indian", "Indian"),
+        Category("other", "Other", "of another race (not White, Black, Asian or Indian)"),
+    ]
+)
+
+
+class UTKFaceReformatter(DatasetReformatter[PerceivedDemographics]):
+    dataset = "utkface"
+
+    def list_rows(self) -> list[InputRow[PerceivedDemographics]]:
+        files = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+        rows = [self._parse(index, path) for index, path in enumerate(files)]
+        return self._assign_splits(rows)
+
+    def _parse(self, index: int, path: str) -> InputRow[PerceivedDemographics]:
+        match = NAME.fullmatch(path.rsplit("/", 1)[-1])
+        if match is None:
+            return InputRow(
+                index,
+                path,
+                path,
+                rejection=Rejection("bad_name", "not [age]_[gender]_[race]_[date&time].jpg"),
+            )
+        age, gender, race = int(match["age"]), match["gender"], match["race"]
+        if age > MAX_AGE or gender not in GENDER_CODES or race not in RACE_CODES:
+            detail = f"age {age} (0-{MAX_AGE}), gender {gender} (0-1), race {race} (0-4)"
+            return InputRow(index, path, path, rejection=Rejection("unknown_label", detail))
+        labels = PerceivedDemographics(age_band(age), GENDER_CODES[gender], RACE_CODES[race], age=age)
+        return InputRow(index, path, path, label=labels)
+
+    def _assign_splits(
+        self, rows: list[InputRow[PerceivedDemographics]]
+    ) -> list[InputRow[PerceivedDemographics]]:
+        options = self.config.utkface
+        bounds = ((options.train, "train"), (options.train + options.val, "val"), (float("inf"), "test"))
+        strata: dict[tuple[str, str, str], list[InputRow]] = defaultdict(list)
+        for row in rows:
+            if row.rejection is None:
+                strata[(row.label.age_band, row.label.gender, row.label.race)].append(row)
+        splits = {}
+        for members in strata.values():
+            members.sort(key=lambda r: hashlib.sha256(f"{self.config.seed}/{r.image}".encode()).hexdigest())
+            for position, row in enumerate(members):
+                quantile = (position + 0.5) / len(members)
+                splits[row.row] = next(split for bound, split in bounds if quantile < bound)
+        return [replace(row, split=splits.get(row.row)) for row in rows]
+
+    def qa_pairs(self, row: InputRow[PerceivedDemographics]) -> list[tuple[str, QAPair]]:
+        return [(row.split, pair) for pair in demographic_pairs(self.builder, row.image, row.label, RACES)]

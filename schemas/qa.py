@@ -1,0 +1,133 @@
+"""Question-answer records: what the reformatters write into ``qa/<dataset>/<split>/`` shards.
+
+A ``QASample`` carries both the LLaVA-style conversation a trainer consumes and the structured
+label an evaluator scores a reply against, so training and evaluation read the same record.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+)
+
+from schemas.records import Record
+
+SourceDataset = Literal["celeba", "rafdb", "utkface", "fairface"]
+
+QATask = Literal[
+    "attribute",  # CelebA: is one named attribute present (yes/no)
+    "attribute_selection",  # CelebA: which of the listed attributes are present (letters)
+    "attribute_description",  # CelebA: a sentence composed of the present attributes
+    "expression",  # RAF-DB: one of the 7 basic expressions
+    "age",  # UTKFace: perceived age in years
+    "age_band",  # UTKFace, FairFace: perceived age band (FairFace's bins)
+    "gender",  # UTKFace, FairFace: perceived gender
+    "race",  # UTKFace, FairFace: perceived race (each dataset's own categories)
+]
+
+AnswerStyle = Literal["open", "multiple_choice", "yes_no"]
+
+ReformatOutcome = Literal[
+    "ok",
+    "bad_header",  # the label file's header differs from the dataset's, so no column can be trusted
+    "wrong_column_count",
+    "unknown_label",  # a value outside the dataset's label space
+    "bad_name",  # a file name that does not follow the dataset's naming scheme
+    "duplicate",  # an image already listed on an earlier row
+    "no_split",  # no official split for the image (e.g. absent from CelebA's partition file)
+    "missing_image",
+    "unreadable_image",
+    "no_face",  # face re-detection was asked for and found none
+]
+
+
+class Turn(BaseModel):
+    """One LLaVA conversation turn, serialised with LLaVA's own key ``from``."""
+
+    model_config = ConfigDict(extra="forbid", serialize_by_alias=True, validate_by_name=True)
+    speaker: Literal["human", "gpt"] = Field(alias="from")
+    value: str
+
+
+LIST_SEPARATOR = "|"
+
+
+def _split_joined(value: object) -> object:
+    if isinstance(value, str):
+        return value.split(LIST_SEPARATOR) if value else []
+    return value
+
+
+def _no_separator(values: list[str]) -> list[str]:
+    if any(LIST_SEPARATOR in value for value in values):
+        raise ValueError(f"label values cannot contain {LIST_SEPARATOR!r}: {values}")
+    return values
+
+
+JoinedList = Annotated[
+    list[str],
+    BeforeValidator(_split_joined),
+    AfterValidator(_no_separator),
+    PlainSerializer(LIST_SEPARATOR.join, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "description": f"values joined by {LIST_SEPARATOR!r}"}),
+]
+"""A list in Python, one ``|``-joined string in JSON: every sample's JSON then has the same types,
+which Hugging Face's webdataset loader needs (it infers one schema from the first few samples, and
+an empty list or a null there cannot hold the strings of a later sample)."""
+
+
+class QALabel(BaseModel):
+    """What an evaluator scores against. Every field has one type in every sample (see JoinedList).
+
+    ``truth`` holds the label values that are true among those the question concerns: the one
+    category (``["fear"]``, ``["20-29"]``), the age in years (``["34"]``), the present attributes
+    (description, selection), or, for a yes/no attribute question, ``[attribute]`` or ``[]``.
+    A yes/no answer is Yes exactly when ``asked`` is in ``truth``; a multiple-choice answer is the
+    letters of the ``options`` that are in ``truth``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    answer: str = Field(description="the correct reply, exactly as in the gpt turn")
+    truth: JoinedList = Field(description="true label values (dataset vocabulary); '|'-joined in JSON")
+    asked: str = Field("", description="the attribute or category a yes/no question proposes, else ''")
+    options: JoinedList = Field(
+        default_factory=list, description="multiple-choice option values in letter order; '|'-joined in JSON"
+    )
+
+
+class QASample(Record):
+    """One question about one face image: the ``.json`` member of a QA shard sample."""
+
+    key: str
+    image: str = Field(description="source image path, relative to the dataset's image base folder")
+    dataset: SourceDataset
+    split: str = Field(description="train, val, test, or zeroshot (CelebA's held-out attributes)")
+    task: QATask
+    answer_style: AnswerStyle
+    template_id: str = Field(description="task/style/question index[-instruction index]")
+    conversations: list[Turn]
+    label: QALabel
+
+
+class ReformatStatus(Record):
+    """The fate of one input row (or file): a row of ``qa/<dataset>/status.parquet``."""
+
+    dataset: SourceDataset
+    row: int = Field(description="position in the dataset's listing; orders keys and chunks")
+    source: str = Field(description="where the row came from: label file and line, or the image file")
+    image: str | None = None
+    split: str | None = None
+    status: ReformatOutcome
+    error: str | None = None
+    samples: int = Field(0, description="QA samples written for this row")
+
+
+QA_RECORDS: tuple[type[BaseModel], ...] = (Turn, QALabel, QASample, ReformatStatus)
