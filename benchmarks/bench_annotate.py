@@ -56,9 +56,13 @@ class InFlightSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        start = time.perf_counter()
+        start = last = time.perf_counter()
+        self.longest_gap_s = 0.0  # > 0.1 s: this thread did not get to run (GIL or CPU starved)
         while not self._stop.is_set():
-            self.samples.append((round(time.perf_counter() - start, 2), self.read()))
+            now = time.perf_counter()
+            self.longest_gap_s = max(self.longest_gap_s, now - last)
+            last = now
+            self.samples.append((round(now - start, 2), self.read()))
             self._stop.wait(SAMPLE_EVERY_S)
 
     def __enter__(self) -> InFlightSampler:
@@ -78,6 +82,7 @@ class InFlightSampler:
             "in_flight_mean": statistics.fmean(values) if values else 0.0,
             "in_flight_max": max(values, default=0),
             "in_flight_per_second": [round(statistics.fmean(v), 1) for _, v in sorted(per_second.items())],
+            "sampler_longest_gap_s": round(self.longest_gap_s, 2),
         }
 
 
@@ -170,6 +175,7 @@ def run_ours(faces_tar: str, warm_tar: str, work: str, **settings) -> dict:
         "faces": stats["faces"],
         "succeeded": stats["status"].get("success", 0),
         "requests": stats["requests"],
+        "retries": stats["retries"],
         "completion_tokens": stats["completion_tokens"],
         "wall_s": wall,
         "client_cpu_s": cpu,

@@ -31,9 +31,8 @@ staging="$(mktemp -d "$cache/.vllm-tmp-XXXXXX")"
 trap 'rm -rf "$staging"' EXIT
 started=$(date +%s)
 uv venv -q --python 3.11 "$staging" >&2
-# the venv is moved after it is built: uv writes absolute paths into scripts, so build it where it
-# will live by installing into the staging dir and fixing nothing else: we only ever run its python
-# with -m, which does not depend on script shebangs.
+# built under a temporary name and renamed when complete: its bin/ scripts keep the temporary path
+# in their shebangs, which is harmless because the project only ever runs `bin/python -m ...`
 uv pip install -q --python "$staging/bin/python" "${extra[@]}" -r "$requirements" >&2
 uv pip uninstall -q --python "$staging/bin/python" torchvision torchaudio torchcodec >&2 || true
 "$staging/bin/python" -c "import vllm, transformers, tokenizers, torch; assert torch.__version__.startswith('2.13.0')" >&2
