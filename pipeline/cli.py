@@ -134,6 +134,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if summary["status"] in ("completed", "interrupted") else 1
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from evaluation.config import ModelSpec, load_eval_config
+
+    models = [ModelSpec.parse(spec).model_dump(exclude_none=True) for spec in args.model] or None
+    config = load_eval_config(
+        args.config,
+        args.overrides,
+        models=models,
+        tasks=args.tasks,
+        data=args.data,
+        out=args.out,
+        max_samples_per_task=args.max_samples_per_task,
+    )
+    from evaluation.run import evaluate, summary_lines
+
+    results = evaluate(config)
+    print("\n".join(summary_lines(results)))
+    print(f"reports: {Path(config.out) / 'comparison.html'} and {config.out}/<model>/report.html")
+    return 0
+
+
 def cmd_laion_face_qa(args: argparse.Namespace) -> int:
     from pipeline.config import apply_overrides
     from reformatters.laion_face import LaionFaceQAConfig, reformat_annotations
@@ -261,6 +282,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_overrides(train)
     train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="score models on the face perception tasks and the zero-shot attribute task",
+        description="Ask each model the QA test questions (CelebA attributes, RAF-DB expression, UTKFace "
+        "age, gender and race on UTKFace and FairFace, held-out CelebA attributes), parse the replies "
+        "strictly and write result.json, results.md and report.html per model, and a comparison.",
+    )
+    evaluate.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="[LABEL=]TARGET",
+        help="a checkpoint folder (scored in-process) or an OpenAI-compatible URL with the model name "
+        "after '#', e.g. http://gpu:8000/v1#Qwen/Qwen2-VL-7B-Instruct; repeat to compare models",
+    )
+    evaluate.add_argument("--tasks", help="comma-separated tasks, or all (default)")
+    evaluate.add_argument("--data", help="the QA data folder or URL (OUT/qa)")
+    evaluate.add_argument("--out", help="results folder")
+    evaluate.add_argument(
+        "--max-samples-per-task", type=int, help="score about N seeded-random samples per task"
+    )
+    evaluate.add_argument("--config", help="YAML eval config (see configs/eval.yaml)")
+    _add_overrides(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
 
     laion_qa = commands.add_parser(
         "laion-face-qa",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from annotators.annotate_config import ANNOTATE_RUNTIME_FIELDS, AnnotateConfig
 from annotators.face_config import FaceConfig
 from pipeline.netguard import DestinationPolicy
+
+ConfigModel = TypeVar("ConfigModel", bound=BaseModel)
 
 Stage = Literal["select", "download", "faces", "annotate"]
 ALL_STAGES: tuple[Stage, ...] = ("select", "download", "faces", "annotate")
@@ -129,11 +131,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+def load_yaml_config(
+    model: type[ConfigModel],
+    path: str | Path | None,
+    overrides: list[str] = (),
+    given: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+) -> ConfigModel:
+    """``base`` values, then the YAML file (optional), then ``given`` values (a command's own
+    arguments; None means not given), then ``--set`` overrides. A ValidationError names the field."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: the config must be a mapping")
         data.update(loaded)
-    return RunConfig.model_validate(apply_overrides(data, list(overrides)))
+    data.update({key: value for key, value in (given or {}).items() if value is not None})
+    return model.model_validate(apply_overrides(data, list(overrides)))
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    return load_yaml_config(RunConfig, path, overrides, base=base)

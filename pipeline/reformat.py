@@ -25,12 +25,11 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from apache_beam.metrics import Metrics
 from pydantic import Field
 
 from annotators.face_config import FaceConfig
-from pipeline.config import RunnerConfig, StrictModel, apply_overrides
+from pipeline.config import RunnerConfig, StrictModel, load_yaml_config
 from pipeline.manifest import package_versions
 from pipeline.runners import make_runner, pipeline_options
 from pipeline.sink import (
@@ -78,15 +77,7 @@ class ReformatConfig(StrictModel):
 
 
 def load_reformat_config(path: str | Path | None, overrides: list[str] = (), **given: Any) -> ReformatConfig:
-    """YAML (optional), then the command line's own arguments, then ``--set`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: the config must be a mapping")
-        data.update(loaded)
-    data.update({key: value for key, value in given.items() if value is not None})
-    return ReformatConfig.model_validate(apply_overrides(data, list(overrides)))
+    return load_yaml_config(ReformatConfig, path, overrides, given)
 
 
 class FaceCropLoader:

@@ -26,6 +26,7 @@ import logging
 import os
 import random
 import shutil
+import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -37,7 +38,13 @@ from typing import IO, TypeVar
 import fsspec
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.sink import atomic_path, sha256_file, write_bytes_atomic
+from pipeline.sink import (
+    atomic_path,
+    check_member_name,
+    sha256_file,
+    split_member_name,
+    write_bytes_atomic,
+)
 
 ENDPOINT_ENV = "FACEMLLM_S3_ENDPOINT"
 STAGING_ENV = "FACEMLLM_STAGING"
@@ -46,6 +53,7 @@ SHA256_METADATA_KEY = "sha256"
 MIB = 1 << 20
 S3_MIN_PART_BYTES = 5 * MIB
 READ_BLOCK_BYTES = 8 * MIB
+MAX_MEMBER_BYTES = 256 * MIB  # a shard member larger than this is skipped, never read into memory
 # Errors that another attempt cannot fix: a missing bucket or object, a denied request, a bad input.
 NOT_RETRYABLE = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError)
 
@@ -393,3 +401,25 @@ def enable_webdataset_urls(
     for scheme in schemes:
         gopen_module.gopen_schemes[scheme] = gopen_fsspec
         wids_dl.default_cmds[scheme] = copy_to_local
+
+
+def iter_tar_stream(url: str, storage: StorageOptions) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {ext: bytes})`` from a streamed tar, members checked as the shard sink's reader does."""
+    with open_url(url, "rb", storage) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        key: str | None = None
+        sample: dict[str, bytes] = {}
+        for member in tar:
+            check_member_name(member.name)
+            if not member.isfile():
+                continue
+            if member.size > MAX_MEMBER_BYTES:  # never read an absurd member into memory
+                log.warning("skipping %s in %s: %d bytes", member.name, url, member.size)
+                continue
+            member_key, ext = split_member_name(member.name)
+            if member_key != key:
+                if key is not None:
+                    yield key, sample
+                key, sample = member_key, {}
+            sample[ext] = tar.extractfile(member).read()
+        if key is not None:
+            yield key, sample

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,21 @@ def vllm_server(tmp_path_factory):
         yield loaded.base_url
     finally:
         loaded.server.stop()
+
+
+@contextmanager
+def served_checkpoint(folder: Path, log_file: Path, name: str = "checkpoint") -> Iterator[str]:
+    """A vLLM server for one checkpoint folder (ours: a trainer's ``final/``); yields its base URL."""
+    from annotators.vllm_server import VLLMServer
+
+    config = ManagedServerConfig(
+        model=str(folder),
+        python=str(vllm_python()),
+        served_model_name=name,
+        args=SERVER_ARGS,
+        env=SERVER_ENV,
+        startup_timeout_s=600,
+        log_file=str(log_file),
+    )
+    with VLLMServer(config) as server:
+        yield server.base_url

@@ -47,8 +47,8 @@ from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.sink import ShardFormatError, UnsafeTarError, check_member_name, split_member_name
-from pipeline.storage import StorageOptions, filesystem_options, open_url, protocol_of
+from pipeline.sink import ShardFormatError, UnsafeTarError
+from pipeline.storage import StorageOptions, filesystem_options, iter_tar_stream, protocol_of
 from training.config import DataConfig
 from training.model import Family
 from training.templates import conversation_to_messages
@@ -56,7 +56,6 @@ from training.templates import conversation_to_messages
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-MAX_MEMBER_BYTES = 256 << 20
 MIX_BLOCK = 1024
 # seed streams of numpy's SeedSequence, so no two uses of the seed collide
 _RESAMPLE, _EPOCH, _MIX, _SHUFFLE, _GROUP, _DROP = range(1, 7)
@@ -118,28 +117,6 @@ def expand_shards(urls: list[str], storage: StorageOptions) -> list[Shard]:
         except (FileNotFoundError, ValueError, OSError):
             sizes[parent] = {}
     return [Shard(url, sizes[url.rsplit("/", 1)[0]].get(url.rsplit("/", 1)[1])) for url in found]
-
-
-def iter_tar_stream(url: str, storage: StorageOptions) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {ext: bytes})`` from a streamed tar, members checked as the shard sink's reader does."""
-    with open_url(url, "rb", storage) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-        key: str | None = None
-        sample: dict[str, bytes] = {}
-        for member in tar:
-            check_member_name(member.name)
-            if not member.isfile():
-                continue
-            if member.size > MAX_MEMBER_BYTES:  # never read an absurd member into memory
-                log.warning("skipping %s in %s: %d bytes", member.name, url, member.size)
-                continue
-            member_key, ext = split_member_name(member.name)
-            if member_key != key:
-                if key is not None:
-                    yield key, sample
-                key, sample = member_key, {}
-            sample[ext] = tar.extractfile(member).read()
-        if key is not None:
-            yield key, sample
 
 
 # --- sources and mixing -------------------------------------------------------------------------

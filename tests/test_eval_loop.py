@@ -1,0 +1,125 @@
+"""The evaluator's closed loop on real parts: the fixture datasets reformatted, a tiny stage-3
+checkpoint trained on them, scored in-process and served by the real vLLM CPU server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from evaluation.config import EvalConfig, ModelSpec
+from evaluation.run import evaluate
+from pipeline.cli import main
+from schemas.evaluation import EVAL_TASKS, EvalResult, Prediction
+from tests.eval_fixture import build_qa, train_stage3
+from tests.tiny_models import cached_model
+from tests.vllm_server import served_checkpoint
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    base = tmp_path_factory.mktemp("eval-world")
+    qa = build_qa(base)
+    stage3 = train_stage3(qa, cached_model("idefics3", tmp_path_factory), base / "stage3")
+    return qa, stage3
+
+
+def predictions(folder: Path) -> list[Prediction]:
+    return [
+        Prediction.model_validate_json(line)
+        for line in (folder / "predictions.jsonl").read_text().splitlines()
+    ]
+
+
+def check_complete(result: EvalResult) -> None:
+    assert set(result.tasks) == set(EVAL_TASKS)
+    for task in result.tasks.values():
+        assert task.samples > 0, task.task
+        assert task.metrics["unparsed_rate"].value is not None
+        assert task.headline in task.metrics
+
+
+@pytest.mark.slow
+def test_in_process_and_vllm_served_checkpoint_give_the_same_parsed_predictions(world, tmp_path):
+    qa, stage3 = world
+    out = tmp_path / "results"
+    with served_checkpoint(stage3, tmp_path / "vllm.log", name="stage3") as url:
+        config = EvalConfig(
+            data=str(qa),
+            out=str(out),
+            models=[ModelSpec(label="in-process", checkpoint=str(stage3)), ModelSpec.parse(f"served={url}")],
+            bootstrap_resamples=200,
+        )
+        local, served = evaluate(config)
+    for result in (local, served):
+        check_complete(result)
+    assert local.data.data_hash == served.data.data_hash
+    assert served.model.kind == "endpoint" and served.model.served_model == "stage3"
+    ours, theirs = predictions(out / "in-process"), predictions(out / "served")
+    assert [p.key for p in ours] == [p.key for p in theirs]
+    assert [(p.key, p.status, p.parsed) for p in ours] == [(p.key, p.status, p.parsed) for p in theirs]
+    assert sum(p.status == "parsed" for p in ours) > len(ours) / 3  # the trained model answers in form
+    for name in EVAL_TASKS:
+        assert local.tasks[name].metrics == served.tasks[name].metrics
+    comparison = (out / "comparison.md").read_text()
+    assert "in-process" in comparison and "served" in comparison and local.data.data_hash in comparison
+
+
+def test_a_killed_run_resumes_to_the_same_result_and_asks_only_what_is_missing(world, tmp_path, capsys):
+    qa, stage3 = world
+    out = tmp_path / "results"
+    args = [
+        "eval",
+        "--model",
+        f"stage3={stage3}",
+        "--data",
+        str(qa),
+        "--out",
+        str(out),
+        "--set",
+        "bootstrap_resamples=100",
+    ]
+    assert main(args) == 0
+    first = (out / "stage3" / "result.json").read_text()
+    report = (out / "stage3" / "report.html").read_text()
+    assert "confusion" in report and "<img" in report and "worst examples" in report
+    replies = sorted((out / "stage3" / "replies").rglob("*.jsonl"))
+    total = sum(len(path.read_text().splitlines()) for path in replies)
+    # a kill mid-run: one shard's replies were never written, another's last line is torn
+    replies[0].unlink()
+    torn = replies[1].read_bytes()
+    replies[1].write_bytes(torn[: len(torn) - 7])
+    (out / "stage3" / "result.json").unlink()
+    capsys.readouterr()
+    assert main(args) == 0
+    log = capsys.readouterr().err
+    asked = sum(
+        int(line.split(": ")[1].split()[0]) - int(line.split(", ")[1].split()[0])
+        for line in log.splitlines()
+        if "questions" in line
+    )
+    assert 0 < asked < total
+    assert (out / "stage3" / "result.json").read_text() == first
+    # everything recorded: a third run asks nothing
+    assert main(args) == 0
+    assert all(
+        " 0 questions" in line or line.split(": ")[1].split()[0] == line.split(", ")[1].split()[0]
+        for line in capsys.readouterr().err.splitlines()
+        if "questions" in line
+    )
+
+
+def test_subsampling_is_seeded_and_changes_the_data_hash(world, tmp_path):
+    qa, stage3 = world
+    common = dict(data=str(qa), models=[ModelSpec(label="m", checkpoint=str(stage3))], bootstrap_resamples=50)
+    full = evaluate(EvalConfig(out=str(tmp_path / "full"), tasks=["gender"], **common))[0]
+    one = evaluate(EvalConfig(out=str(tmp_path / "a"), tasks=["gender"], max_samples_per_task=6, **common))[0]
+    two = evaluate(EvalConfig(out=str(tmp_path / "b"), tasks=["gender"], max_samples_per_task=6, **common))[0]
+    assert one.tasks["gender"].samples < full.tasks["gender"].samples
+    assert [p.key for p in predictions(tmp_path / "a" / "m")] == [
+        p.key for p in predictions(tmp_path / "b" / "m")
+    ]
+    assert one.data.data_hash == two.data.data_hash != full.data.data_hash
+    summary = json.loads((tmp_path / "a" / "comparison.json").read_text())
+    assert list(summary) == [one.data.data_hash]
