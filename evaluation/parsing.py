@@ -120,8 +120,6 @@ def parse_letters(reply: str, options: list[str]) -> set[int] | None:
     if not LETTER_LIST.match(text):
         return None
     letters = re.findall(r"\b([A-Za-z])\b", re.sub(r"\band\b", ",", text, flags=re.I))
-    if any(letter.islower() for letter in letters) and len(letters) > 1:
-        return None  # "a and b" reads as words more than as options
     indexes = [_option_index(letter, len(options)) for letter in letters]
     return None if None in indexes or not indexes else set(indexes)
 

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+from annotators.mllm_client import image_data_url
+
 Plan = Callable[[str, int], str | None]
 
 
@@ -57,6 +59,11 @@ def image_of(body: bytes) -> str | None:
                 if part.get("type") == "image_url":
                     return hashlib.sha256(part["image_url"]["url"].encode()).hexdigest()
     return None
+
+
+def image_hash(jpeg: bytes) -> str:
+    """How the proxy names an image: the sha256 of the data URL a client sends for it."""
+    return hashlib.sha256(image_data_url(jpeg).encode()).hexdigest()
 
 
 class _QuietServer(ThreadingHTTPServer):

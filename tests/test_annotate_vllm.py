@@ -10,7 +10,6 @@ fault-injecting proxy in front of the same server. Requests stay few and small.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -24,13 +23,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from annotators.faces import FaceConfig
-from annotators.mllm_client import image_data_url
 from pipeline.annotate import AnnotationShardProcessor
 from pipeline.faces import FaceShardProcessor
 from pipeline.sink import ShardWriter, iter_tar_samples, shard_paths
 from schemas.annotation import AnnotationStatus, FaceAnnotation, FaceAttributes
 from tests.conftest import subprocess_env
-from tests.faultproxy_http import FaultProxy
+from tests.faultproxy_http import FaultProxy, image_hash
 from tests.photos import insightface_masks, insightface_t1, scrfd_photo, skimage_photo
 from tests.vllm_server import SERVED_NAME, tiny_annotate_config
 
@@ -65,11 +63,6 @@ def faces_dir(tmp_path_factory, scrfd_dir) -> Path:
 
 def face_samples(faces_dir: Path) -> dict[str, dict[str, bytes]]:
     return {key: sample for tar in sorted(faces_dir.glob("*.tar")) for key, sample in iter_tar_samples(tar)}
-
-
-def image_hash(jpeg: bytes) -> str:
-    """How the proxy names a face: the sha256 of the data URL the client sends."""
-    return hashlib.sha256(image_data_url(jpeg).encode()).hexdigest()
 
 
 def status_rows(annotations: Path) -> list[dict]:

@@ -4,6 +4,7 @@ checkpoint trained on them, scored in-process and served by the real vLLM CPU se
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,10 @@ import pytest
 from evaluation.config import EvalConfig, ModelSpec
 from evaluation.run import evaluate
 from pipeline.cli import main
+from pipeline.sink import iter_tar_samples
 from schemas.evaluation import EVAL_TASKS, EvalResult, Prediction
 from tests.eval_fixture import build_qa, train_stage3
+from tests.faultproxy_http import FaultProxy, image_hash
 from tests.tiny_models import cached_model
 from tests.vllm_server import served_checkpoint
 
@@ -42,16 +45,45 @@ def check_complete(result: EvalResult) -> None:
 
 @pytest.mark.slow
 def test_in_process_and_vllm_served_checkpoint_give_the_same_parsed_predictions(world, tmp_path):
+    """Over HTTP through a fault proxy: each image's first two requests fail (a 500, then a reset
+    connection) and are retried; then one image fails for good, is counted, and is asked again by
+    the next run, which completes the result."""
     qa, stage3 = world
     out = tmp_path / "results"
+    client = {"max_retries": 3, "backoff_s": 0.05, "backoff_max_s": 0.2, "concurrency": 4}
+    flaky = {0: "500", 1: "reset"}
     with served_checkpoint(stage3, tmp_path / "vllm.log", name="stage3") as url:
-        config = EvalConfig(
-            data=str(qa),
-            out=str(out),
-            models=[ModelSpec(label="in-process", checkpoint=str(stage3)), ModelSpec.parse(f"served={url}")],
-            bootstrap_resamples=200,
-        )
-        local, served = evaluate(config)
+        with FaultProxy(url, lambda image, attempt: flaky.get(attempt)) as proxy:
+            config = EvalConfig(
+                data=str(qa),
+                out=str(out),
+                models=[
+                    ModelSpec(label="in-process", checkpoint=str(stage3)),
+                    ModelSpec.parse(f"served={proxy.url}"),
+                ],
+                bootstrap_resamples=200,
+                client=client,
+            )
+            local, served = evaluate(config)
+            faults = Counter(event.fault for event in proxy.events)
+        assert faults["500"] == faults["reset"] > 0
+
+        broken = image_hash(next(iter_tar_samples(next((qa / "rafdb" / "test").glob("*.tar"))))[1]["jpg"])
+        outage = {"on": True}
+        with FaultProxy(url, lambda image, attempt: "500" if outage["on"] and image == broken else None) as proxy:
+            again = config.model_copy(
+                update={"out": str(tmp_path / "again"), "models": [ModelSpec.parse(f"again={proxy.url}#stage3")]}
+            )
+            partial = evaluate(again)[0]
+            assert partial.tasks["expression"].failed_requests > 0
+            failed = [p for p in predictions(tmp_path / "again" / "again") if p.status == "failed_request"]
+            assert failed and all(not p.correct and p.reply is None and "server_error" in p.error for p in failed)
+            outage["on"] = False  # the server is back: only the failed questions are asked again
+            proxy.reset_counts()
+            resumed = evaluate(again)[0]
+            assert len(proxy.events) == len(failed)
+    assert resumed.tasks == served.tasks
+
     for result in (local, served):
         check_complete(result)
     assert local.data.data_hash == served.data.data_hash
