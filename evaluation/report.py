@@ -198,16 +198,14 @@ def comparison_tables(results: list[EvalResult]) -> list[tuple[str, list[str], l
             first = next((t for t in scored if t is not None), None)
             if first is None:
                 continue
-            rows.append(
-                [name, first.headline, *(fmt(t.metrics[first.headline]) if t else "-" for t in scored)]
-            )
-            rows.append(
-                [
-                    name,
-                    "unparsed_rate",
-                    *(fmt(t.metrics["unparsed_rate"], False) if t else "-" for t in scored),
-                ]
-            )
+            metrics = [
+                first.headline,
+                *(m for m in first.metrics if m not in (first.headline, "unparsed_rate")),
+            ]
+            for metric in metrics:
+                rows.append([name, metric, *(fmt(t.metrics.get(metric)) if t else "-" for t in scored)])
+            unparsed = [fmt(t.metrics["unparsed_rate"], False) if t else "-" for t in scored]
+            rows.append([name, "unparsed_rate", *unparsed])
         tables.append((data_hash, header, rows))
     return tables
 
@@ -220,7 +218,7 @@ def write_comparison(out: Path) -> None:
     confidence = {r.data.data_hash: r.bootstrap["confidence"] for r in results}
     for data_hash, header, rows in tables:
         markdown += (
-            f"Data hash `{data_hash}`; [{confidence[data_hash]:.0%} bootstrap intervals, images resampled]:\n\n"
+            f"Data hash `{data_hash}`; {confidence[data_hash]:.0%} bootstrap intervals (images resampled):\n\n"
             + markdown_table(header, rows)
             + "\n"
         )

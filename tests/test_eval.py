@@ -379,3 +379,12 @@ def test_reports_and_a_comparison_that_keeps_other_data_apart(tmp_path):
     assert "| task | metric | one | two |" in comparison and "| task | metric | three |" in comparison
     assert "90% bootstrap" in comparison
     assert set(json.loads((tmp_path / "comparison.json").read_text())) == {"h1", "h2"}
+
+
+def test_example_config_is_valid():
+    from evaluation.config import load_eval_config
+    from tests.eval_fixture import REPO
+
+    config = load_eval_config(REPO / "configs" / "eval.yaml", ["max_samples_per_task=100"])
+    assert [m.label for m in config.models] == ["ours-stage3", "general-mllm"]
+    assert config.max_samples_per_task == 100 and config.client.concurrency == 16
