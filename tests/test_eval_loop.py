@@ -70,14 +70,21 @@ def test_in_process_and_vllm_served_checkpoint_give_the_same_parsed_predictions(
 
         broken = image_hash(next(iter_tar_samples(next((qa / "rafdb" / "test").glob("*.tar"))))[1]["jpg"])
         outage = {"on": True}
-        with FaultProxy(url, lambda image, attempt: "500" if outage["on"] and image == broken else None) as proxy:
+        with FaultProxy(
+            url, lambda image, attempt: "500" if outage["on"] and image == broken else None
+        ) as proxy:
             again = config.model_copy(
-                update={"out": str(tmp_path / "again"), "models": [ModelSpec.parse(f"again={proxy.url}#stage3")]}
+                update={
+                    "out": str(tmp_path / "again"),
+                    "models": [ModelSpec.parse(f"again={proxy.url}#stage3")],
+                }
             )
             partial = evaluate(again)[0]
             assert partial.tasks["expression"].failed_requests > 0
             failed = [p for p in predictions(tmp_path / "again" / "again") if p.status == "failed_request"]
-            assert failed and all(not p.correct and p.reply is None and "server_error" in p.error for p in failed)
+            assert failed and all(
+                not p.correct and p.reply is None and "server_error" in p.error for p in failed
+            )
             outage["on"] = False  # the server is back: only the failed questions are asked again
             proxy.reset_counts()
             resumed = evaluate(again)[0]
