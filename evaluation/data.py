@@ -1,10 +1,15 @@
-"""The evaluated data: finished reformat outputs (``OUT/qa/<dataset>/``), read through their manifests.
+"""The evaluated data, read through manifests only, so a half-written output is never scored.
 
-Only a dataset whose ``manifest.json`` exists is evaluated (the manifest is the reformat stage's
-commit point), and its shards are the ones the manifest lists, so a half-written output is never
-scored. The data hash in every result covers the manifests' bytes and the sample selection, so
-results are compared only when they scored the same samples. Local folders and object-store URLs
-(``s3://``) read the same way.
+``--data`` may name:
+
+- a reformat output, ``OUT/qa`` (or ``OUT``): one ``<dataset>/manifest.json`` per finished dataset
+  (the reformat stage's commit point), shard urls relative to the dataset's folder;
+- a published dataset (``facemllm publish``), e.g. ``s3://bucket/run``: its current
+  ``manifest.json`` lists the ``qa/<dataset>/<split>`` stages, shard urls relative to it (after a
+  removal, the new version's shards).
+
+The data hash in every result covers the manifests' bytes and the sample selection, so results are
+compared only when they scored the same samples. Local folders and object-store URLs read alike.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import get_args
 
 from pipeline.storage import Storage, StorageOptions, iter_tar_stream
-from schemas import QASample, RunManifest, SourceDataset
+from schemas import PublishedManifest, QASample, RunManifest, ShardManifest, SourceDataset
 
 
 @dataclass(frozen=True)
@@ -34,42 +40,59 @@ class QAItem:
 
 
 class EvalData:
-    """Manifests, shards and samples of the datasets under one data folder (``OUT/qa``)."""
+    """The QA stages (``qa/<dataset>/<split>``) under one data folder or published prefix."""
 
     def __init__(self, root: str, storage: StorageOptions | None = None):
         self.root = root.rstrip("/")
         self.options = storage or StorageOptions(progress=False)
         self.storage = Storage(self.root, self.options)
-        self._manifests: dict[str, tuple[str, RunManifest] | None] = {}
+        self.stages: dict[str, tuple[ShardManifest, str]] = {}  # stage -> (its manifest, url prefix)
+        self.manifest_sha256: dict[str, str] = {}  # dataset -> sha256 of the manifest listing it
+        if not self._read_published():
+            self._read_reformat_outputs()
 
-    def manifest(self, dataset: SourceDataset) -> tuple[str, RunManifest] | None:
-        """The dataset's manifest and the sha256 of its bytes, or None when there is no finished output."""
-        if dataset not in self._manifests:
-            rel = f"{dataset}/manifest.json"
-            if not self.storage.exists(rel):
-                self._manifests[dataset] = None
-            else:
-                raw = self.storage.read_bytes(rel)
-                self._manifests[dataset] = (
-                    hashlib.sha256(raw).hexdigest(),
-                    RunManifest.model_validate_json(raw),
-                )
-        return self._manifests[dataset]
+    def _read(self, rel: str) -> tuple[str, bytes] | None:
+        if not self.storage.exists(rel):
+            return None
+        raw = self.storage.read_bytes(rel)
+        return hashlib.sha256(raw).hexdigest(), raw
+
+    def _read_published(self) -> bool:
+        found = self._read("manifest.json")
+        if found is None:
+            return False
+        digest, raw = found
+        stages = PublishedManifest.model_validate_json(raw).stages
+        for name, stage in stages.items():
+            if name.startswith("qa/") and name.count("/") == 2:
+                self.stages[name] = (stage, "")
+                self.manifest_sha256[name.split("/")[1]] = digest
+        return bool(self.stages)
+
+    def _read_reformat_outputs(self) -> None:
+        for dataset in get_args(SourceDataset):
+            for folder in (dataset, f"qa/{dataset}"):
+                found = self._read(f"{folder}/manifest.json")
+                if found is None:
+                    continue
+                digest, raw = found
+                for name, stage in RunManifest.model_validate_json(raw).stages.items():
+                    if name.startswith(f"qa/{dataset}/"):
+                        self.stages[name] = (stage, f"{folder}/")
+                self.manifest_sha256[dataset] = digest
+                break
 
     def has_split(self, dataset: SourceDataset, split: str) -> bool:
-        found = self.manifest(dataset)
-        return found is not None and f"qa/{dataset}/{split}" in found[1].stages
+        return f"qa/{dataset}/{split}" in self.stages
 
     def shards(self, dataset: SourceDataset, split: str) -> list[ShardRef]:
-        found = self.manifest(dataset)
-        stage = None if found is None else found[1].stages.get(f"qa/{dataset}/{split}")
+        stage, prefix = self.stages.get(f"qa/{dataset}/{split}", (None, ""))
         if stage is None:
             return []
-        return [ShardRef(dataset, split, f"{dataset}/{info.url}", info.nsamples) for info in stage.shards]
+        return [ShardRef(dataset, split, prefix + info.url, info.nsamples) for info in stage.shards]
 
     def task_count(self, dataset: SourceDataset, split: str, qa_task: str) -> int:
-        found = self.manifest(dataset)
-        stage = None if found is None else found[1].stages.get(f"qa/{dataset}/{split}")
+        stage, _ = self.stages.get(f"qa/{dataset}/{split}", (None, ""))
         return 0 if stage is None else int(stage.counts.get(f"task_{qa_task}", 0))
 
     def items(self, shard: ShardRef) -> Iterator[QAItem]:
@@ -83,6 +106,6 @@ class EvalData:
             yield QAItem(sample, image, shard)
 
     def data_hash(self, datasets: list[str], selection: dict) -> str:
-        manifests = {d: self.manifest(d)[0] for d in sorted(datasets) if self.manifest(d) is not None}
+        manifests = {d: self.manifest_sha256[d] for d in sorted(datasets)}
         payload = json.dumps({"manifests": manifests, "selection": selection}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]

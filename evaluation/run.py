@@ -56,7 +56,7 @@ class TaskPlan:
         if not self.sources:
             raise FileNotFoundError(
                 f"{config.data}: none of the tasks {config.tasks} has data (expected <dataset>/manifest.json "
-                "from `facemllm reformat`; "
+                "from `facemllm reformat`, or a published manifest.json with qa/ stages; "
                 + "; ".join(f"{t}: {why}" for t, why in self.skipped.items())
                 + ")"
             )
@@ -284,7 +284,7 @@ def evaluate(config: EvalConfig) -> list[EvalResult]:
     info = DataInfo(
         root=config.data,
         splits=[f"{d}/{s}" for d, s in used],
-        manifests={d: data.manifest(d)[0] for d in datasets},
+        manifests={d: data.manifest_sha256[d] for d in datasets},
         data_hash=data.data_hash(datasets, chosen),
         max_samples_per_task=config.max_samples_per_task,
         seed=config.seed,

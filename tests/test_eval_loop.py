@@ -4,6 +4,7 @@ checkpoint trained on them, scored in-process and served by the real vLLM CPU se
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -12,7 +13,10 @@ import pytest
 from evaluation.config import EvalConfig, ModelSpec
 from evaluation.run import evaluate
 from pipeline.cli import main
+from pipeline.publish import publish
 from pipeline.sink import iter_tar_samples
+from pipeline.storage import StorageOptions
+from schemas import RunManifest
 from schemas.evaluation import EVAL_TASKS, EvalResult, Prediction
 from tests.eval_fixture import build_qa, train_stage3
 from tests.faultproxy_http import FaultProxy, image_hash
@@ -162,3 +166,27 @@ def test_subsampling_is_seeded_and_changes_the_data_hash(world, tmp_path):
     assert one.data.data_hash == two.data.data_hash != full.data.data_hash
     summary = json.loads((tmp_path / "a" / "comparison.json").read_text())
     assert list(summary) == [one.data.data_hash]
+
+
+def test_a_dataset_published_to_s3_scores_like_the_local_output(world, s3_bucket, tmp_path):
+    """``--data s3://...`` names a published run (SeaweedFS here): its manifest lists the QA shards."""
+    qa, stage3 = world
+    run = tmp_path / "run"
+    shutil.copytree(qa, run / "qa")
+    (run / "manifest.json").write_text(
+        RunManifest(config_hash="fixture", package_versions={}, stages={}).model_dump_json()
+    )
+    dest = f"{s3_bucket}/eval-fixture"
+    publish(run, dest, StorageOptions(progress=False))
+    common = dict(
+        models=[ModelSpec(label="m", checkpoint=str(stage3))],
+        tasks=["expression", "zeroshot_attributes"],
+        bootstrap_resamples=50,
+    )
+    local = evaluate(EvalConfig(data=str(qa), out=str(tmp_path / "local"), **common))[0]
+    remote = evaluate(EvalConfig(data=dest, out=str(tmp_path / "remote"), **common))[0]
+    assert remote.tasks == local.tasks
+    ours, theirs = predictions(tmp_path / "local" / "m"), predictions(tmp_path / "remote" / "m")
+    assert [(p.key, p.reply, p.parsed) for p in ours] == [(p.key, p.reply, p.parsed) for p in theirs]
+    assert {p.shard.split("/")[0] for p in theirs} == {"qa"}  # shard urls relative to the published prefix
+    assert remote.data.data_hash != local.data.data_hash  # another manifest: never compared in one table
