@@ -37,6 +37,7 @@ bench: install vllm
 	$(BIN)/python -m benchmarks.bench_annotate
 	$(BIN)/python -m benchmarks.bench_publish
 	$(BIN)/python -m benchmarks.bench_train
+	$(BIN)/python -m benchmarks.bench_eval
 
 lint: install
 	$(BIN)/ruff check .

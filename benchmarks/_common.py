@@ -32,8 +32,18 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
-    """``ru_maxrss`` in MiB (Linux reports KiB). RUSAGE_CHILDREN: the largest waited-for descendant."""
-    return resource.getrusage(who).ru_maxrss / 1024
+    """Peak resident set size in MiB: this process's (VmHWM), or its largest waited-for descendant's.
+
+    Not ``ru_maxrss`` for this process: Linux keeps that high-water mark across ``execve``, so a
+    child spawned by a large parent would report the parent's peak. VmHWM belongs to the address
+    space, which ``execve`` replaces.
+    """
+    if who == resource.RUSAGE_SELF:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    return resource.getrusage(who).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _child_entry(target: Callable[..., dict], kwargs: dict, conn: Any, log_path: str | None) -> None:

@@ -4,7 +4,7 @@
 |---|---|---|
 | ``celeba_attributes`` | CelebA test: ``attribute`` (yes/no), ``attribute_selection`` (letters) | mean accuracy over attributes |
 | ``expression`` | RAF-DB test: ``expression`` | accuracy |
-| ``age`` | UTKFace test: ``age`` (years), ``age_band`` | MAE (years) |
+| ``age`` | UTKFace test: ``age`` (years), ``age_band``; FairFace val: ``age_band`` | MAE (years) |
 | ``gender`` | UTKFace test, FairFace val: ``gender`` | accuracy |
 | ``race`` | UTKFace test, FairFace val: ``race`` (each dataset's categories) | accuracy |
 | ``zeroshot_attributes`` | CelebA zeroshot: ``attribute`` about held-out attributes | mean accuracy over attributes |
@@ -71,8 +71,8 @@ TASKS: dict[EvalTask, TaskSpec] = {
         TaskSpec("expression", "RAF-DB expression recognition", (("rafdb", ("expression",)),), "accuracy"),
         TaskSpec(
             "age",
-            "UTKFace age estimation",
-            (("utkface", ("age", "age_band")),),
+            "Age estimation (UTKFace years; UTKFace and FairFace bands)",
+            (("utkface", ("age", "age_band")), ("fairface", ("age_band",))),
             "mae",
             notes=(
                 "mae: mean |predicted - true| years over parsed replies to age questions (unparsed "
@@ -150,6 +150,7 @@ VOCABULARIES: dict[tuple[SourceDataset, QATask], Vocabulary] = {
     ("utkface", "race"): _vocabulary(UTKFACE_RACES, UTKFACE_RACE_SYNONYMS),
     ("fairface", "race"): _vocabulary(FAIRFACE_RACES, FAIRFACE_RACE_SYNONYMS),
     ("utkface", "age_band"): _vocabulary(AGE_BANDS, {}),
+    ("fairface", "age_band"): _vocabulary(AGE_BANDS, {}),
 }
 ATTRIBUTE_PHRASES = Vocabulary({name: (words.phrase, name) for name, words in CELEBA_ATTRIBUTES.items()})
 

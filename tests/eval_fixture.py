@@ -26,21 +26,16 @@ BUILDERS = {
     "fairface": build_fairface,
 }
 # three questions (one per style) per image and category task: more samples from the few images
-QA_SETTINGS = [
-    "runner.direct_running_mode=in_memory",
-    "runner.direct_num_workers=1",
-    "rows_per_chunk=8",
-    "qa.styles_per_task=3",
-]
+QA_SETTINGS = ["runner.direct_running_mode=in_memory", "runner.direct_num_workers=1", "qa.styles_per_task=3"]
 
 
-def build_qa(base: Path) -> Path:
+def build_qa(base: Path, rows_per_chunk: int = 8) -> Path:
+    """``base/qa``; small chunks by default, so that every split has several shards."""
     qa = base / "qa"
+    settings = [*QA_SETTINGS, f"rows_per_chunk={rows_per_chunk}"]
     for name, builder in BUILDERS.items():
         dataset = builder(base / "datasets" / name)
-        run_reformat(
-            load_reformat_config(None, QA_SETTINGS, dataset=name, root=str(dataset.root), out=str(qa))
-        )
+        run_reformat(load_reformat_config(None, settings, dataset=name, root=str(dataset.root), out=str(qa)))
     return qa
 
 
