@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import io
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +182,12 @@ class EndpointModel:
         """The served model's name when the server serves exactly one (vLLM does)."""
         import httpx
 
-        response = httpx.get(f"{self.base_url}/models", timeout=self.settings.connect_timeout_s)
+        key = os.environ.get(self.settings.api_key_env)
+        response = httpx.get(
+            f"{self.base_url}/models",
+            headers={"Authorization": f"Bearer {key}"} if key else {},
+            timeout=self.settings.connect_timeout_s,
+        )
         response.raise_for_status()
         names = [entry["id"] for entry in response.json().get("data", [])]
         if len(names) != 1:
@@ -205,36 +211,33 @@ class EndpointModel:
     def answer(self, questions: list[Question]) -> Iterator[tuple[Question, Reply]]:
         """Runs the requests on an event loop in this thread, yielding replies in completion order."""
         loop = asyncio.new_event_loop()
+        done: asyncio.Queue = asyncio.Queue()
+        requests = loop.create_task(self._ask_all(questions, done))
         try:
-            done: asyncio.Queue = asyncio.Queue()
-            pending = loop.run_until_complete(self._start(questions, done))
             for _ in questions:
                 yield loop.run_until_complete(done.get())
-            loop.run_until_complete(pending)
-        finally:
+            loop.run_until_complete(requests)
+        finally:  # the caller stopped early (an interrupt): cancel what is still in flight
+            requests.cancel()
+            loop.run_until_complete(asyncio.gather(requests, return_exceptions=True))
             loop.close()
 
-    async def _start(self, questions: list[Question], done: asyncio.Queue) -> asyncio.Future:
-        client = ChatClient(self.base_url, self.settings)
-        await client.__aenter__()
+    async def _ask_all(self, questions: list[Question], done: asyncio.Queue) -> None:
         gate = asyncio.Semaphore(self.settings.concurrency)
+        async with ChatClient(self.base_url, self.settings) as client:
 
-        async def ask(question: Question) -> None:
-            async with gate:
-                try:
-                    body, _ = await client.complete(self.payload(question))
-                    reply = Reply(body["choices"][0]["message"]["content"].strip())
-                except RequestFailure as err:
-                    reply = Reply(None, f"{err.reason}: {err}")
-            await done.put((question, reply))
+            async def ask(question: Question) -> None:
+                async with gate:
+                    try:
+                        body, _ = await client.complete(self.payload(question))
+                        reply = Reply(body["choices"][0]["message"]["content"].strip())
+                    except RequestFailure as err:
+                        reply = Reply(None, f"{err.reason}: {err}")
+                    except Exception as err:  # an odd server must not stop the run: record it
+                        reply = Reply(None, f"client_error: unexpected {type(err).__name__}: {err}")
+                await done.put((question, reply))
 
-        async def run_all() -> None:
-            try:
-                await asyncio.gather(*(ask(q) for q in questions))
-            finally:
-                await client.__aexit__(None, None, None)
-
-        return asyncio.ensure_future(run_all())
+            await asyncio.gather(*(ask(question) for question in questions))
 
     def close(self) -> None:
         pass

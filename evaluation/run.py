@@ -277,7 +277,11 @@ def evaluate(config: EvalConfig) -> list[EvalResult]:
     for task, why in plan.skipped.items():
         progress(f"note: {task}: {why}")
     used = sorted({pair for pairs in plan.sources.values() for pair in pairs})
-    chosen = {"tasks": sorted(plan.sources), "pairs": [list(p) for p in used]}
+    # which samples each task scores: the pairs read and the QA tasks taken from each dataset
+    chosen = {
+        "pairs": [list(p) for p in used],
+        "tasks": {name: [[d, list(qa)] for d, qa in TASKS[name].sources] for name in sorted(plan.sources)},
+    }
     if config.max_samples_per_task is not None:
         chosen |= {"max_samples_per_task": config.max_samples_per_task, "seed": config.seed}
     datasets = sorted({d for d, _ in used})
