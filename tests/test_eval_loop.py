@@ -190,3 +190,23 @@ def test_a_dataset_published_to_s3_scores_like_the_local_output(world, s3_bucket
     assert [(p.key, p.reply, p.parsed) for p in ours] == [(p.key, p.reply, p.parsed) for p in theirs]
     assert {p.shard.split("/")[0] for p in theirs} == {"qa"}  # shard urls relative to the published prefix
     assert remote.data.data_hash != local.data.data_hash  # another manifest: never compared in one table
+
+
+@pytest.mark.parametrize("kind", ["llava", "idefics3"])
+def test_batched_generation_matches_one_question_at_a_time(kind, world, tmp_path, tmp_path_factory):
+    """Left padding in a batch changes no reply, for both image layouts (LLaVA flat, Idefics3 nested)."""
+    qa, _ = world
+    model = cached_model(kind, tmp_path_factory)
+    common = dict(data=str(qa), tasks=["expression", "gender"], bootstrap_resamples=10, max_new_tokens=12)
+    for batch in (1, 16):
+        evaluate(
+            EvalConfig(
+                out=str(tmp_path / str(batch)),
+                models=[ModelSpec(label=kind, checkpoint=str(model))],
+                batch_size=batch,
+                **common,
+            )
+        )
+    one, many = predictions(tmp_path / "1" / kind), predictions(tmp_path / "16" / kind)
+    assert len(one) > 20
+    assert [(p.key, p.reply) for p in one] == [(p.key, p.reply) for p in many]
