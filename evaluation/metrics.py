@@ -193,11 +193,17 @@ def score_task(
         boot.add("mae", [row.prediction.abs_error or 0.0 for row in rows], years)
 
     found = boot.estimates()
-    metrics = {name: value for name, value in found.items() if "/" not in name}
+    headline = spec.headline
+    order = [
+        headline,
+        *(n for n in found if "/" not in n and n not in (headline, "unparsed_rate")),
+        "unparsed_rate",
+    ]
+    metrics = {name: found[name] for name in order}  # the headline first, the unparsed rate last
     return TaskResult(
         task=spec.name,
         title=spec.title,
-        headline=spec.headline if spec.name != "age" else "mae",
+        headline=headline,
         samples=len(predictions),
         unparsed=sum(p.status == "unparsed" for p in predictions),
         failed_requests=sum(p.status == "failed_request" for p in predictions),
