@@ -179,20 +179,24 @@ def _checked(member: tarfile.TarInfo) -> tuple[str, str]:
     return split_member_name(member.name)
 
 
+def group_samples(members: Iterable[tuple[str, str, bytes]]) -> Iterator[tuple[str, Sample]]:
+    """Consecutive ``(key, ext, data)`` members -> ``(key, {ext: data})`` samples, in order."""
+    current_key: str | None = None
+    sample: Sample = {}
+    for key, ext, data in members:
+        if key != current_key:
+            if current_key is not None:
+                yield current_key, sample
+            current_key, sample = key, {}
+        sample[ext] = data
+    if current_key is not None:
+        yield current_key, sample
+
+
 def iter_tar_samples(source: Path | bytes) -> Iterator[tuple[str, Sample]]:
     """Yield ``(key, {ext: bytes})`` in tar order, refusing unsafe or non-file members."""
     with _open_tar(source) as tar:
-        current_key: str | None = None
-        sample: Sample = {}
-        for member in tar:
-            key, ext = _checked(member)
-            if key != current_key:
-                if current_key is not None:
-                    yield current_key, sample
-                current_key, sample = key, {}
-            sample[ext] = tar.extractfile(member).read()
-        if current_key is not None:
-            yield current_key, sample
+        yield from group_samples((*_checked(member), tar.extractfile(member).read()) for member in tar)
 
 
 def repack_sorted(source: Path, final: Path) -> int:

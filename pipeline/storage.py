@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.sink import (
     atomic_path,
     check_member_name,
+    group_samples,
     sha256_file,
     split_member_name,
     write_bytes_atomic,
@@ -404,10 +405,10 @@ def enable_webdataset_urls(
 
 
 def iter_tar_stream(url: str, storage: StorageOptions) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {ext: bytes})`` from a streamed tar, members checked as the shard sink's reader does."""
-    with open_url(url, "rb", storage) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-        key: str | None = None
-        sample: dict[str, bytes] = {}
+    """``(key, {ext: bytes})`` from a streamed tar, members checked as the shard sink's reader does;
+    non-file members and absurdly large ones are skipped (a tolerant reader for training and eval)."""
+
+    def members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, bytes]]:
         for member in tar:
             check_member_name(member.name)
             if not member.isfile():
@@ -415,11 +416,7 @@ def iter_tar_stream(url: str, storage: StorageOptions) -> Iterator[tuple[str, di
             if member.size > MAX_MEMBER_BYTES:  # never read an absurd member into memory
                 log.warning("skipping %s in %s: %d bytes", member.name, url, member.size)
                 continue
-            member_key, ext = split_member_name(member.name)
-            if member_key != key:
-                if key is not None:
-                    yield key, sample
-                key, sample = member_key, {}
-            sample[ext] = tar.extractfile(member).read()
-        if key is not None:
-            yield key, sample
+            yield (*split_member_name(member.name), tar.extractfile(member).read())
+
+    with open_url(url, "rb", storage) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        yield from group_samples(members(tar))
