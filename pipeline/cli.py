@@ -152,6 +152,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate(config)
     print("\n".join(summary_lines(results)))
     print(f"reports: {Path(config.out) / 'comparison.html'} and {config.out}/<model>/report.html")
+    failed = sum(task.failed_requests for result in results for task in result.tasks.values())
+    if failed:  # scored as wrong for now; a rerun asks exactly these again
+        print(
+            f"facemllm eval: {failed} requests failed after retries; rerun to ask them again", file=sys.stderr
+        )
+        return 1
     return 0
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from annotators.vllm_server import free_port
 from evaluation.config import EvalConfig, ModelSpec
-from evaluation.run import evaluate
+from evaluation.run import evaluate, load_results
 from pipeline.cli import main
 from pipeline.publish import publish
 from pipeline.sink import iter_tar_samples
@@ -210,3 +211,24 @@ def test_batched_generation_matches_one_question_at_a_time(kind, world, tmp_path
     one, many = predictions(tmp_path / "1" / kind), predictions(tmp_path / "16" / kind)
     assert len(one) > 20
     assert [(p.key, p.reply) for p in one] == [(p.key, p.reply) for p in many]
+
+
+def test_an_unreachable_endpoint_fails_every_request_and_the_command_says_so(world, tmp_path, capsys):
+    qa, _ = world
+    port = free_port()  # nothing listens there: every connection is refused
+    args = [
+        "eval",
+        "--model",
+        f"down=http://127.0.0.1:{port}/v1#m",
+        "--data",
+        str(qa),
+        "--out",
+        str(tmp_path),
+    ]
+    settings = ["--tasks", "expression", "--set", "client.max_retries=1", "--set", "client.backoff_s=0"]
+    assert main([*args, *settings]) == 1
+    assert "requests failed after retries; rerun" in capsys.readouterr().err
+    (result,) = load_results(tmp_path)
+    task = result.tasks["expression"]
+    assert task.failed_requests == task.samples > 0 and task.metrics["accuracy"].value == 0.0
+    assert not list(tmp_path.rglob("replies/**/*.jsonl"))  # nothing recorded: a rerun asks every question
