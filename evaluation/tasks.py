@@ -66,6 +66,8 @@ TASKS: dict[EvalTask, TaskSpec] = {
                 "mean_accuracy: per attribute, the share of right decisions (a yes/no reply decides the "
                 "asked attribute, a selection reply each listed option), averaged over attributes",
                 "attribute_description samples (free-form descriptions) are not scored",
+                "the attributes held out of training (qa.celeba.zero_shot_attributes) are never asked in "
+                "train/val/test: they are scored by zeroshot_attributes",
             ),
         ),
         TaskSpec("expression", "RAF-DB expression recognition", (("rafdb", ("expression",)),), "accuracy"),
