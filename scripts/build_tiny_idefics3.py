@@ -4,7 +4,8 @@
 
 No download: the tokenizer is a byte-level BPE trained here with ``tokenizers`` on a small corpus
 (the prompt files, the attribute schema's source and random answers shaped like the response schema, so that field names and prompt words are few
-tokens), and the weights are random (seeded). The model can only say nonsense, but with structured
+tokens), and the weights are random (seeded); the model is built by the tests' own builder,
+``tests/tiny_models.build_idefics3``, with this corpus and a 2048-token vocabulary. The model can only say nonsense, but with structured
 output its nonsense is schema-valid JSON, which is what the annotate stage's tests need: the real
 server, the real request path, the real constrained decoding.
 
@@ -28,37 +29,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS_FILES = [*sorted((REPO / "annotators" / "prompts").glob("*.yaml")), REPO / "schemas" / "annotation.py"]
+BUILDER_FILES = [REPO / "tests" / "tiny_models.py", REPO / "training" / "templates.py"]
 VOCAB_SIZE = 2048
 MAX_POSITIONS = 4096
-IMAGE_SIZE = 64
-PATCH_SIZE = 16
-SCALE_FACTOR = 2
-IMAGE_SEQ_LEN = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2
 SEED = 0
 MARKER = ".facemllm-complete"
 
-SPECIAL_TOKENS = [
-    "<unk>",
-    "<|begin_of_text|>",
-    "<end_of_utterance>",
-    "<pad>",
-    "<fake_token_around_image>",
-    "<image>",
-    "<global-img>",
-    *[f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)],
-]
-
-# Idefics3/SmolVLM style: "User:<image>text<end_of_utterance>\nAssistant:"; string contents (system
-# prompts, repair turns) and OpenAI-style content lists both render.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}:"
-    "{% if message['content'] is string %}{{ ' ' + message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<image>' }}"
-    "{% elif part['type'] == 'text' %}{{ ' ' + part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
+# image-grid tokens of SmolVLM's tokenizer (unused without image splitting, kept for fidelity)
+ROW_COL_TOKENS = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
 
 GENERIC_TEXT = """\
 A close-up photograph of a smiling woman with long wavy brown hair, arched eyebrows and brown eyes.
@@ -98,107 +76,22 @@ def example_answers(count: int = 300) -> list[str]:
 
 
 def corpus_hash() -> str:
+    """Covers everything the model is built from: this script, the builder, its template, the corpus."""
     digest = hashlib.sha256(Path(__file__).read_bytes())
-    for path in CORPUS_FILES:
+    for path in [*CORPUS_FILES, *BUILDER_FILES]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
 
-def train_tokenizer(folder: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def build(folder: Path) -> None:
+    """The tests' tiny Idefics3 builder (tests/tiny_models.py), with this corpus and vocabulary."""
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from tests.tiny_models import build_idefics3
 
     texts = [GENERIC_TEXT, *(path.read_text() for path in CORPUS_FILES), *example_answers()]
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<|begin_of_text|>",
-        eos_token="<end_of_utterance>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=SPECIAL_TOKENS[4:],
-        model_max_length=MAX_POSITIONS,
-        chat_template=CHAT_TEMPLATE,
-    )
-    fast.save_pretrained(folder)
-    return fast
-
-
-def build(folder: Path) -> None:
-    import torch
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessor,
-        Idefics3Processor,
-        Idefics3VisionConfig,
-        LlamaConfig,
-    )
-
-    tokenizer = train_tokenizer(folder)
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        max_position_embeddings=MAX_POSITIONS,
-        bos_token_id=ids["<|begin_of_text|>"],
-        eos_token_id=ids["<end_of_utterance>"],
-        pad_token_id=ids["<pad>"],
-        tie_word_embeddings=False,
-    )
-    vision_config = Idefics3VisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-    )
-    config = Idefics3Config(
-        vision_config=vision_config.to_dict(),
-        text_config=text_config.to_dict(),
-        scale_factor=SCALE_FACTOR,
-        image_token_id=ids["<image>"],
-        pad_token_id=ids["<pad>"],
-        bos_token_id=ids["<|begin_of_text|>"],
-        eos_token_id=ids["<end_of_utterance>"],
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(SEED)
-    model = Idefics3ForConditionalGeneration(config).to(torch.float32).eval()
-    model.generation_config.eos_token_id = ids["<end_of_utterance>"]
-    model.generation_config.bos_token_id = ids["<|begin_of_text|>"]
-    model.generation_config.pad_token_id = ids["<pad>"]
-    model.save_pretrained(folder, safe_serialization=True)
-    image_processor = Idefics3ImageProcessor(
-        do_image_splitting=False,
-        size={"longest_edge": IMAGE_SIZE},
-        max_image_size={"longest_edge": IMAGE_SIZE},
-    )
-    processor = Idefics3Processor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        image_seq_len=IMAGE_SEQ_LEN,
-        chat_template=CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(folder)
-    (folder / "facemllm-tiny.json").write_text(
-        json.dumps({"seed": SEED, "vocab_size": len(tokenizer), "image_seq_len": IMAGE_SEQ_LEN}, indent=2)
-    )
+    build_idefics3(folder, texts, VOCAB_SIZE, ROW_COL_TOKENS, MAX_POSITIONS)
 
 
 def ensure_tiny_model(cache: Path) -> Path:

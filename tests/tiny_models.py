@@ -44,8 +44,17 @@ User: Assistant: USER: ASSISTANT: system
 
 
 def train_tokenizer(
-    folder: Path, special_tokens: list[str], bos: str, eos: str, pad: str, chat_template: str
+    folder: Path,
+    special_tokens: list[str],
+    bos: str,
+    eos: str,
+    pad: str,
+    chat_template: str,
+    texts: list[str] | None = None,
+    vocab_size: int = 512,
+    max_length: int = 2048,
 ):
+    """A byte-level BPE trained on ``texts`` (default: the test QA words), saved in ``folder``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -53,12 +62,12 @@ def train_tokenizer(
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512,
+        vocab_size=vocab_size,
         special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    tokenizer.train_from_iterator((texts or [CORPUS]) * 4, trainer=trainer)
     extra = [t for t in special_tokens if t not in {"<unk>", bos, eos, pad}]
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -67,7 +76,7 @@ def train_tokenizer(
         pad_token=pad,
         unk_token="<unk>",
         additional_special_tokens=extra,
-        model_max_length=2048,
+        model_max_length=max_length,
         chat_template=chat_template,
     )
     folder.mkdir(parents=True, exist_ok=True)
@@ -178,8 +187,16 @@ def build_llava_parts(folder: Path) -> dict[str, Path]:
     return {"vision": vision_dir, "lm": lm_dir}
 
 
-def build_idefics3(folder: Path) -> Path:
-    """A complete tiny Idefics3 (SmolVLM architecture) checkpoint in ``folder``."""
+def build_idefics3(
+    folder: Path,
+    texts: list[str] | None = None,
+    vocab_size: int = 512,
+    extra_special: list[str] = (),
+    max_positions: int = 2048,
+) -> Path:
+    """A complete tiny Idefics3 (SmolVLM architecture) checkpoint in ``folder``; the tokenizer is
+    trained on ``texts`` (default: the test QA words). scripts/build_tiny_idefics3.py builds the
+    annotate tests' server model with this, from the prompts and the response schema."""
     import torch
     from transformers import (
         Idefics3Config,
@@ -193,7 +210,15 @@ def build_idefics3(folder: Path) -> Path:
 
     folder = Path(folder)
     tokenizer = train_tokenizer(
-        folder, IDEFICS3_SPECIAL, "<|begin_of_text|>", "<end_of_utterance>", "<pad>", IDEFICS3_TEMPLATE
+        folder,
+        [*IDEFICS3_SPECIAL, *extra_special],
+        "<|begin_of_text|>",
+        "<end_of_utterance>",
+        "<pad>",
+        IDEFICS3_TEMPLATE,
+        texts,
+        vocab_size,
+        max_positions,
     )
     vision = Idefics3VisionConfig(
         hidden_size=64,
@@ -205,7 +230,7 @@ def build_idefics3(folder: Path) -> Path:
     )
     config = Idefics3Config(
         vision_config=vision.to_dict(),
-        text_config=_llama_config(tokenizer).to_dict(),
+        text_config=_llama_config(tokenizer, max_position_embeddings=max_positions).to_dict(),
         scale_factor=2,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         pad_token_id=tokenizer.pad_token_id,
