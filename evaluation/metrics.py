@@ -17,16 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from evaluation.tasks import TaskSpec, class_order
+from evaluation.tasks import TaskSpec, class_order, label_class
 from schemas.evaluation import ConfusionMatrix, Estimate, Prediction, TaskResult, WorstExample
 
 UNPARSED_COLUMN = "unparsed"
 REPLICATES_PER_BLOCK = 100
-
-
-@dataclass
-class _Metric:
-    columns: list[int]  # one column per group; the metric is the mean of the groups' ratios
 
 
 @dataclass
@@ -39,7 +34,8 @@ class Bootstrap:
     seed: int
     numerators: list[np.ndarray] = field(default_factory=list)
     denominators: list[np.ndarray] = field(default_factory=list)
-    metrics: dict[str, _Metric] = field(default_factory=dict)
+    # metric -> its columns, one per group; the metric is the mean of the groups' ratios
+    metrics: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = sorted(set(self.clusters))
@@ -56,9 +52,10 @@ class Bootstrap:
         group_names = (
             [""] if groups is None else sorted({g for g, c in zip(groups, counted, strict=True) if c})
         )
+        groups_arr = None if groups is None else np.asarray(groups)
         columns = []
         for group in group_names:
-            mask = counted_arr if groups is None else counted_arr & (np.asarray(groups) == group)
+            mask = counted_arr if groups_arr is None else counted_arr & (groups_arr == group)
             self.numerators.append(
                 np.bincount(
                     self.cluster_of, weights=np.where(mask, values_arr, 0.0), minlength=self.n_clusters
@@ -68,7 +65,7 @@ class Bootstrap:
                 np.bincount(self.cluster_of, weights=mask.astype(np.float64), minlength=self.n_clusters)
             )
             columns.append(len(self.numerators) - 1)
-        self.metrics[name] = _Metric(columns)
+        self.metrics[name] = columns
 
     def estimates(self) -> dict[str, Estimate]:
         if not self.metrics:
@@ -86,8 +83,8 @@ class Bootstrap:
         ratios = np.concatenate(replicates) if replicates else np.empty((0, numerators.shape[1]))
         tail = (1 - self.confidence) / 2 * 100
         results = {}
-        for name, metric in self.metrics.items():
-            num, den = numerators[:, metric.columns].sum(0), denominators[:, metric.columns].sum(0)
+        for name, columns in self.metrics.items():
+            num, den = numerators[:, columns].sum(0), denominators[:, columns].sum(0)
             n = int(den.sum())
             if n == 0:
                 results[name] = Estimate(value=None, n=0)
@@ -95,7 +92,7 @@ class Bootstrap:
             with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # a replicate that drew no item of a group
                 value = float(np.nanmean(num / den))
-                per_replicate = np.nanmean(ratios[:, metric.columns], axis=1)
+                per_replicate = np.nanmean(ratios[:, columns], axis=1)
             per_replicate = per_replicate[~np.isnan(per_replicate)]
             low, high = (
                 (float(np.percentile(per_replicate, tail)), float(np.percentile(per_replicate, 100 - tail)))
@@ -133,10 +130,7 @@ def attribute_decisions(prediction: Prediction) -> list[Row]:
 
 
 def true_class(prediction: Prediction) -> str:
-    """The class a sample's truth names (an age in years counts as its band)."""
-    from reformatters.demographics import age_band
-
-    return age_band(int(prediction.truth[0])) if prediction.qa_task == "age" else prediction.truth[0]
+    return label_class(prediction.qa_task, prediction.truth)
 
 
 def score_task(
@@ -212,9 +206,9 @@ def score_task(
         by_dataset=_section(found, "dataset/"),
         per_class=_section(found, "class/"),
         by_group={
-            group: _section(found, f"group/{group}/")
+            group: section
             for group in GROUPS.get(spec.name, ())
-            if _section(found, f"group/{group}/")
+            if (section := _section(found, f"group/{group}/"))
         },
         confusion=confusion_matrices(spec, predictions),
         worst=worst_examples(predictions, worst),

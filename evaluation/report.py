@@ -198,20 +198,22 @@ def comparison_tables(results: list[EvalResult]) -> list[tuple[str, list[str], l
             first = next((t for t in scored if t is not None), None)
             if first is None:
                 continue
-            metrics = [
-                first.headline,
-                *(m for m in first.metrics if m not in (first.headline, "unparsed_rate")),
-            ]
-            for metric in metrics:
-                rows.append([name, metric, *(fmt(t.metrics.get(metric)) if t else "-" for t in scored)])
-            unparsed = [fmt(t.metrics["unparsed_rate"], False) if t else "-" for t in scored]
-            rows.append([name, "unparsed_rate", *unparsed])
+            for metric in first.metrics:  # headline first, unparsed rate last (as score_task orders them)
+                interval = metric != "unparsed_rate"
+                rows.append(
+                    [name, metric, *(fmt(t.metrics.get(metric), interval) if t else "-" for t in scored)]
+                )
         tables.append((data_hash, header, rows))
     return tables
 
 
+def load_results(out: Path) -> list[EvalResult]:
+    """Every model's ``result.json`` in a results folder, in label order."""
+    return [EvalResult.model_validate_json(p.read_text()) for p in sorted(out.glob("*/result.json"))]
+
+
 def write_comparison(out: Path) -> None:
-    results = [EvalResult.model_validate_json(p.read_text()) for p in sorted(out.glob("*/result.json"))]
+    results = load_results(out)
     tables = comparison_tables(results)
     markdown = ""
     body = "<h1>facemllm eval: comparison</h1>"

@@ -25,14 +25,14 @@ from evaluation.config import EvalConfig, ModelSpec
 from evaluation.data import EvalData, QAItem, ShardRef
 from evaluation.metrics import score_task
 from evaluation.parsing import PARSER_VERSION
-from evaluation.report import write_comparison, write_model_report
-from evaluation.tasks import TASKS, ZERO_SHOT_SPLIT, TaskSpec, judge
+from evaluation.report import fmt, write_comparison, write_model_report
+from evaluation.tasks import TASKS, ZERO_SHOT_SPLIT, TaskSpec, judge, label_class
 from pipeline.manifest import package_versions
 from pipeline.sink import write_bytes_atomic
-from reformatters.demographics import age_band
 from schemas.evaluation import DataInfo, EvalResult, Prediction
 
-GROUP_TASKS = {"gender": "gender", "race": "race", "age_band": "age_band"}
+# the labels an image's accuracy is broken down by: gender, race, age band (an age counts as its band)
+GROUP_LABELS = {"gender": "gender", "race": "race", "age_band": "age_band", "age": "age_band"}
 
 
 class TaskPlan:
@@ -100,10 +100,9 @@ def image_groups(items: list[QAItem]) -> dict[tuple[str, str], dict[str, str]]:
     groups: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
     for item in items:
         sample = item.sample
-        if sample.task in GROUP_TASKS and sample.label.truth:
-            groups[(sample.dataset, sample.image)][GROUP_TASKS[sample.task]] = sample.label.truth[0]
-        elif sample.task == "age" and sample.label.truth:
-            groups[(sample.dataset, sample.image)]["age_band"] = age_band(int(sample.label.truth[0]))
+        if sample.task in GROUP_LABELS and sample.label.truth:
+            group = GROUP_LABELS[sample.task]
+            groups[(sample.dataset, sample.image)][group] = label_class(sample.task, sample.label.truth)
     return groups
 
 
@@ -208,12 +207,11 @@ def evaluate_model(
     spec: ModelSpec, config: EvalConfig, data: EvalData, plan: TaskPlan, selection: Selection, info: DataInfo
 ) -> EvalResult:
     folder = Path(config.out) / spec.label
+    shards = plan.shards(data)
     client = open_client(spec, config)
     try:
         predictions = [
-            p
-            for shard in plan.shards(data)
-            for p in predict_shard(client, shard, data, plan, selection, folder)
+            p for shard in shards for p in predict_shard(client, shard, data, plan, selection, folder)
         ]
     finally:
         client.close()
@@ -252,20 +250,20 @@ def evaluate_model(
     lines = "".join(p.model_dump_json() + "\n" for p in predictions)
     write_bytes_atomic(folder / "predictions.jsonl", lines.encode())
     write_bytes_atomic(folder / "result.json", (result.model_dump_json(indent=2) + "\n").encode())
-    write_model_report(folder, result, predictions, worst_images(data, result, predictions))
+    write_model_report(folder, result, predictions, worst_images(data, shards, result, predictions))
     return result
 
 
-def worst_images(data: EvalData, result: EvalResult, predictions: list[Prediction]) -> dict[str, bytes]:
+def worst_images(
+    data: EvalData, shards: list[ShardRef], result: EvalResult, predictions: list[Prediction]
+) -> dict[str, bytes]:
     """The images of the worst examples, read back from the few shards that hold them."""
     wanted = {w.key for task in result.tasks.values() for w in task.worst}
-    shards = {p.shard for p in predictions if p.key in wanted}
+    holding = {p.shard for p in predictions if p.key in wanted}
     images = {}
-    for shard in sorted(shards):
-        dataset, split, _ = shard.split("/", 2)
-        for item in data.items(ShardRef(dataset, split, shard, 0)):
-            if item.sample.key in wanted:
-                images[item.sample.key] = item.image
+    for shard in shards:
+        if shard.rel in holding:
+            images |= {i.sample.key: i.image for i in data.items(shard) if i.sample.key in wanted}
     return images
 
 
@@ -303,16 +301,9 @@ def summary_lines(results: list[EvalResult]) -> list[str]:
     lines = []
     for result in results:
         for task in result.tasks.values():
-            headline = task.metrics[task.headline]
             unparsed = task.metrics["unparsed_rate"].value
-            value = "n/a" if headline.value is None else f"{headline.value:.3f}"
-            interval = "" if headline.low is None else f" [{headline.low:.3f}, {headline.high:.3f}]"
             lines.append(
-                f"{result.model.label:<24} {task.task:<20} {task.headline} {value}{interval}  "
+                f"{result.model.label:<24} {task.task:<20} {task.headline} {fmt(task.metrics[task.headline])}  "
                 f"n={task.samples}  unparsed {unparsed or 0:.1%}"
             )
     return lines
-
-
-def load_results(folder: Path) -> list[EvalResult]:
-    return [EvalResult.model_validate_json(p.read_text()) for p in sorted(folder.glob("*/result.json"))]

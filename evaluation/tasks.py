@@ -29,7 +29,6 @@ from evaluation.parsing import (
     parse_letters,
     parse_yes_no,
 )
-from reformatters.celeba_attributes import CELEBA_ATTRIBUTES
 from reformatters.demographics import AGE_BAND_BOUNDS, AGE_BANDS, GENDERS, OLDEST_BAND, age_band
 from reformatters.fairface import RACES as FAIRFACE_RACES
 from reformatters.qa import LabelSpace
@@ -154,7 +153,11 @@ VOCABULARIES: dict[tuple[SourceDataset, QATask], Vocabulary] = {
     ("utkface", "age_band"): _vocabulary(AGE_BANDS, {}),
     ("fairface", "age_band"): _vocabulary(AGE_BANDS, {}),
 }
-ATTRIBUTE_PHRASES = Vocabulary({name: (words.phrase, name) for name, words in CELEBA_ATTRIBUTES.items()})
+
+
+def label_class(qa_task: QATask, truth: list[str]) -> str:
+    """The class a label names: its value, or for an age in years its band."""
+    return age_band(int(truth[0])) if qa_task == "age" else truth[0]
 
 
 def band_of(reading: AgeReading) -> str | None:
@@ -197,7 +200,9 @@ def judge(sample: QASample, reply: str) -> Judgement:
         values = tuple(label.options[i] for i in sorted(chosen))
         parsed = ", ".join(LETTERS[i] for i in sorted(chosen)) or "None"
         return Judgement("parsed", parsed, values, set(values) == truth)
-    vocabulary = VOCABULARIES.get((sample.dataset, sample.task), ATTRIBUTE_PHRASES)
+    if sample.task != "age" and (sample.dataset, sample.task) not in VOCABULARIES:
+        raise ValueError(f"no parser for {sample.answer_style} {sample.task} questions of {sample.dataset}")
+    vocabulary = VOCABULARIES.get((sample.dataset, sample.task))
     if sample.answer_style == "multiple_choice":
         index = parse_letter(reply, label.options, vocabulary)
         if index is None:
@@ -222,8 +227,6 @@ def judge(sample: QASample, reply: str) -> Judgement:
             predicted == age_band(int(years)),
             abs(reading.point - years),
         )
-    if (sample.dataset, sample.task) not in VOCABULARIES:
-        raise ValueError(f"no parser for open {sample.task} questions of {sample.dataset}")
     value = vocabulary.match(reply)
     if value is None:
         return UNPARSED

@@ -12,7 +12,8 @@ import pytest
 
 from annotators.vllm_server import free_port
 from evaluation.config import EvalConfig, ModelSpec
-from evaluation.run import evaluate, load_results
+from evaluation.report import load_results
+from evaluation.run import evaluate
 from pipeline.cli import main
 from pipeline.publish import publish
 from pipeline.sink import iter_tar_samples
