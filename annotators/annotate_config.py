@@ -15,22 +15,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# Settings that change how a run talks to its server, not what the annotations say: left out of
-# the run's output hash.
-ANNOTATE_RUNTIME_FIELDS = {
-    "endpoint",
-    "server",
-    "api_key_env",
-    "concurrency",
-    "timeout_s",
-    "connect_timeout_s",
-    "max_retries",
-    "backoff_s",
-    "backoff_max_s",
-    "cache",
-    "cache_dir",
-}
-
 
 class ManagedServerConfig(BaseModel):
     """A vLLM OpenAI-compatible server the stage starts per worker and stops at teardown."""
@@ -77,6 +61,11 @@ class ClientSettings(BaseModel):
     )
     backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each retry, with jitter")
     backoff_max_s: float = Field(30.0, ge=0)
+
+
+# Settings that change how a run talks to its server, not what the annotations say: left out of
+# the run's output hash.
+ANNOTATE_RUNTIME_FIELDS = {*ClientSettings.model_fields, "endpoint", "server", "cache", "cache_dir"}
 
 
 class AnnotateConfig(ClientSettings):

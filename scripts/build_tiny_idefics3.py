@@ -2,12 +2,12 @@
 
     <vllm venv>/bin/python scripts/build_tiny_idefics3.py [--cache DIR]   # prints the model folder
 
-No download: the tokenizer is a byte-level BPE trained here with ``tokenizers`` on a small corpus
-(the prompt files, the attribute schema's source and random answers shaped like the response schema, so that field names and prompt words are few
-tokens), and the weights are random (seeded); the model is built by the tests' own builder,
-``tests/tiny_models.build_idefics3``, with this corpus and a 2048-token vocabulary. The model can only say nonsense, but with structured
-output its nonsense is schema-valid JSON, which is what the annotate stage's tests need: the real
-server, the real request path, the real constrained decoding.
+No download: the model is built by the tests' own builder (``tests/tiny_models.build_idefics3``)
+with a byte-level BPE tokenizer of 2048 tokens trained here on a small corpus (the prompt files,
+the attribute schema's source and random answers shaped like the response schema, so that field
+names and prompt words are few tokens); the weights are random (seeded). The model can only say
+nonsense, but with structured output its nonsense is schema-valid JSON, which is what the annotate
+stage's tests need: the real server, the real request path, the real constrained decoding.
 
 The folder is ``$FACEMLLM_CACHE/tiny-idefics3-<hash>`` (default ``~/.cache/facemllm``), the hash
 covering this script and its corpus inputs, so it is built once; it is written under a temporary

