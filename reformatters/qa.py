@@ -125,39 +125,37 @@ class QABuilder:
     def single_choice(self, rng: random.Random, task: QATask, truth: str, space: LabelSpace) -> QAPair:
         """Lettered options: the truth and distractors from the label space, in shuffled order."""
         distractors = [value for value in space.values if value != truth]
-        options = [truth, *rng.sample(distractors, min(self.config.choices - 1, len(distractors)))]
-        rng.shuffle(options)
-        index, stem = self._pick(rng, TEMPLATES[task].ask)
-        instruction_index, instruction = self._pick(rng, SINGLE_CHOICE_INSTRUCTIONS)
-        question = f"{stem}\n{lettered([space[o].option for o in options])}\n{instruction}"
+        drawn = [truth, *rng.sample(distractors, min(self.config.choices - 1, len(distractors)))]
+        texts = {value: space[value].option for value in drawn}
+        options, template_id, question = self._lettered(rng, task, drawn, texts, SINGLE_CHOICE_INSTRUCTIONS)
         answer = LETTERS[options.index(truth)]
-        return QAPair(
-            task,
-            "multiple_choice",
-            f"{task}/multiple_choice/{index}-{instruction_index}",
-            question,
-            answer,
-            QALabel(answer=answer, truth=[truth], options=options),
-        )
+        label = QALabel(answer=answer, truth=[truth], options=options)
+        return QAPair(task, "multiple_choice", template_id, question, answer, label)
 
     def multi_choice(
         self, rng: random.Random, task: QATask, options: list[str], texts: dict[str, str], correct: set[str]
     ) -> QAPair:
         """Lettered options of which any number (possibly none) apply; ``options`` are shuffled here."""
+        options, template_id, question = self._lettered(rng, task, options, texts, MULTI_CHOICE_INSTRUCTIONS)
+        answer = ", ".join(LETTERS[i] for i, o in enumerate(options) if o in correct) or NO_OPTION_APPLIES
+        label = QALabel(answer=answer, truth=[o for o in options if o in correct], options=options)
+        return QAPair(task, "multiple_choice", template_id, question, answer, label)
+
+    def _lettered(
+        self,
+        rng: random.Random,
+        task: QATask,
+        options: list[str],
+        texts: dict[str, str],
+        instructions: Sequence[str],
+    ) -> tuple[list[str], str, str]:
+        """Shuffled options, the template id and the question: stem, lettered options, instruction."""
         options = list(options)
         rng.shuffle(options)
         index, stem = self._pick(rng, TEMPLATES[task].ask)
-        instruction_index, instruction = self._pick(rng, MULTI_CHOICE_INSTRUCTIONS)
+        instruction_index, instruction = self._pick(rng, instructions)
         question = f"{stem}\n{lettered([texts[o] for o in options])}\n{instruction}"
-        answer = ", ".join(LETTERS[i] for i, o in enumerate(options) if o in correct) or NO_OPTION_APPLIES
-        return QAPair(
-            task,
-            "multiple_choice",
-            f"{task}/multiple_choice/{index}-{instruction_index}",
-            question,
-            answer,
-            QALabel(answer=answer, truth=[o for o in options if o in correct], options=options),
-        )
+        return options, f"{task}/multiple_choice/{index}-{instruction_index}", question
 
     def yes_no(
         self, rng: random.Random, task: QATask, slots: dict[str, str], asked: str, truth: list[str]

@@ -86,35 +86,14 @@ SIZES = {
 
 
 def build_tokenizer(folder: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
+    """The tests' tokenizer trainer (tests/tiny_models.py) on this script's words."""
+    from tests.tiny_models import LLAVA_SPECIAL, train_tokenizer
     from training.templates import LLAVA_TEMPLATE
 
-    special = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    words = [" ".join(WORDS) + " USER: ASSISTANT: Describe the face."]
+    return train_tokenizer(
+        folder, LLAVA_SPECIAL, "<s>", "</s>", "<pad>", LLAVA_TEMPLATE, words, vocab_size=400
     )
-    tokenizer.train_from_iterator(
-        [" ".join(WORDS) + " USER: ASSISTANT: Describe the face."] * 8, trainer=trainer
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=["<image>"],
-        chat_template=LLAVA_TEMPLATE,
-    )
-    fast.save_pretrained(folder)
-    return fast
 
 
 def write_shards(
