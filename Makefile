@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install -q uv
 	@test -x $(BIN)/python || uv venv -q --seed --python $(PYTHON) $(VENV)
 	uv pip install -q --compile-bytecode --python $(BIN)/python $(UV_FIND_LINKS) -e '.[test]'
-	$(BIN)/python -m annotators.model_store
+	$(BIN)/python -m facemllm.annotators.model_store
 	@rm -f $(VENV)/.installed-* && touch $@
 
 test: install vllm

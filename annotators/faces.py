@@ -22,9 +22,9 @@ from insightface.model_zoo import SCRFD, get_model
 from insightface.utils.face_align import norm_crop
 from PIL import Image
 
-from annotators.face_config import FaceConfig
-from annotators.model_store import default_detector_path
-from schemas import CropGeometry, FaceDetection, FaceRecord, FaceStatus
+from facemllm.annotators.face_config import FaceConfig
+from facemllm.annotators.model_store import default_detector_path
+from facemllm.schemas import CropGeometry, FaceDetection, FaceRecord, FaceStatus
 
 DETECTOR_FILE_PREFIXES = ("det_", "scrfd")
 

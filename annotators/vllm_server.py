@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from annotators.annotate_config import ManagedServerConfig
+from facemllm.annotators.annotate_config import ManagedServerConfig
 
 log = logging.getLogger(__name__)
 

@@ -46,6 +46,13 @@ def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024  # Linux reports KiB
 
 
+def reset_peak_rss() -> None:
+    """Lower this process's VmHWM to its current RSS (Linux ``clear_refs`` 5), so that a later
+    ``peak_rss_mb()`` measures only what ran in between, whatever ran before in this process."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
 def _child_entry(target: Callable[..., dict], kwargs: dict, conn: Any, log_path: str | None) -> None:
     if log_path is not None:  # also catches the output of processes this child starts (they inherit fds)
         sys.stdout.flush()

@@ -102,11 +102,11 @@ def build_face_shards(folder: Path, faces: int, warmup: int) -> tuple[Path, Path
 
     from PIL import Image
 
-    from annotators.faces import FaceConfig
-    from annotators.model_store import ensure_scrfd_package
-    from pipeline.demo_sample import package_photos
-    from pipeline.faces import FaceShardProcessor
-    from pipeline.sink import ShardWriter, iter_tar_samples
+    from facemllm.annotators.faces import FaceConfig
+    from facemllm.annotators.model_store import ensure_scrfd_package
+    from facemllm.pipeline.demo_sample import package_photos
+    from facemllm.pipeline.faces import FaceShardProcessor
+    from facemllm.pipeline.sink import ShardWriter, iter_tar_samples
 
     photos = package_photos(ensure_scrfd_package())
     images = folder / "images" / "00000.tar"
@@ -145,7 +145,7 @@ def build_face_shards(folder: Path, faces: int, warmup: int) -> tuple[Path, Path
 def _config(
     endpoint: str, model: str, concurrency: int, caption_max_chars: int, max_tokens: int, prompt: str
 ):
-    from annotators.annotate_config import AnnotateConfig
+    from facemllm.annotators.annotate_config import AnnotateConfig
 
     return AnnotateConfig(
         endpoint=endpoint,
@@ -161,7 +161,7 @@ def _config(
 
 def run_ours(faces_tar: str, warm_tar: str, work: str, **settings) -> dict:
     """Child process: the annotate stage's shard processor."""
-    from pipeline.annotate import AnnotationShardProcessor
+    from facemllm.pipeline.annotate import AnnotationShardProcessor
 
     config = _config(**settings)
     AnnotationShardProcessor(config, Path(work) / "warm").process(1, Path(warm_tar))
@@ -191,9 +191,9 @@ def run_anchor(faces_tar: str, warm_tar: str, **settings) -> dict:
 
     from openai import AsyncOpenAI
 
-    from annotators.mllm_client import response_schema
-    from annotators.prompts import load_prompt
-    from pipeline.sink import iter_tar_samples
+    from facemllm.annotators.mllm_client import response_schema
+    from facemllm.annotators.prompts import load_prompt
+    from facemllm.pipeline.sink import iter_tar_samples
 
     config = _config(**settings)
     prompt = load_prompt(config.prompt)
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
     server = None
     endpoint, model = args.endpoint, args.model
     if endpoint is None:
-        from annotators.vllm_server import VLLMServer
+        from facemllm.annotators.vllm_server import VLLMServer
         from tests.vllm_server import SERVED_NAME, tiny_server_config
 
         print("starting the tiny vLLM CPU server (about a minute)...", flush=True)

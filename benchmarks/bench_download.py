@@ -56,7 +56,7 @@ FIRST_SAMPLE_ID = 1_630_000_000
 
 def _rows(base_urls: list[tuple[str, str]], count: int, tag: str) -> list[dict]:
     """``count`` unique urls cycling over the photo urls: ``?<tag>=<i>`` keeps them distinct."""
-    from pipeline.demo_sample import ALT_TEXTS
+    from facemllm.pipeline.demo_sample import ALT_TEXTS
 
     rows = []
     for index in range(count):
@@ -81,7 +81,7 @@ def _write_inputs(rows: list[dict], folder: Path, samples_per_shard: int) -> tup
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.select import URL_SHARD_SCHEMA, url_shard_path
+    from facemllm.pipeline.select import URL_SHARD_SCHEMA, url_shard_path
 
     folder.mkdir(parents=True)
     url_list = folder / "url_list.parquet"
@@ -132,9 +132,9 @@ def run_ours(
 ) -> dict:
     """Child process: our download stage, one url shard after another."""
     started = time.perf_counter()
-    from pipeline.config import DownloadConfig
-    from pipeline.download import ImageShardDownloader
-    from pipeline.netguard import DestinationPolicy
+    from facemllm.pipeline.config import DownloadConfig
+    from facemllm.pipeline.download import ImageShardDownloader
+    from facemllm.pipeline.netguard import DestinationPolicy
 
     config = DownloadConfig(
         thread_count=threads,
@@ -173,7 +173,7 @@ def run_anchor(
     started = time.perf_counter()
     from img2dataset.main import download
 
-    from pipeline.config import DownloadConfig
+    from facemllm.pipeline.config import DownloadConfig
 
     defaults = DownloadConfig()
     common = {
@@ -242,9 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder and print it")
     args = parser.parse_args(argv)
 
-    from annotators.model_store import ensure_scrfd_package
-    from pipeline.demo_sample import package_photos
-    from pipeline.sample_server import SampleServer
+    from facemllm.annotators.model_store import ensure_scrfd_package
+    from facemllm.pipeline.demo_sample import package_photos
+    from facemllm.pipeline.sample_server import SampleServer
 
     photos = package_photos(ensure_scrfd_package())
     samples_per_shard = math.ceil(args.images / args.shards)

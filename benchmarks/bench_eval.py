@@ -44,8 +44,8 @@ def run_ours(qa: str, model: str, out: str, batch_size: int, max_new_tokens: int
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: F401 - imported before the clock, as the bare side does
 
-    from evaluation.config import EvalConfig, ModelSpec
-    from evaluation.run import evaluate
+    from facemllm.evaluation.config import EvalConfig, ModelSpec
+    from facemllm.evaluation.run import evaluate
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -115,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from benchmarks.bench_reformat import build_synthetic_celeba
-    from pipeline.reformat import load_reformat_config, run_reformat
+    from facemllm.pipeline.reformat import load_reformat_config, run_reformat
     from tests.eval_fixture import QA_SETTINGS, build_qa
     from tests.tiny_models import build_idefics3
 

@@ -77,8 +77,8 @@ def _write_image_shards(photos: dict[str, Path], images: int, shards: int, folde
     import json
     import math
 
-    from pipeline.demo_sample import ALT_TEXTS
-    from pipeline.sink import ShardWriter
+    from facemllm.pipeline.demo_sample import ALT_TEXTS
+    from facemllm.pipeline.sink import ShardWriter
 
     names = [name for name in BENCH_PHOTOS if name in photos]
     if not names:
@@ -113,8 +113,8 @@ WARM_SHARD_ID = 99_999
 def run_ours(tars: list[str], warm_tar: str, work: str, model: str, threads: int, profile: bool) -> dict:
     """Child process: our face stage, one image shard after another."""
     started = time.perf_counter()
-    from annotators.faces import FaceConfig
-    from pipeline.faces import FaceShardProcessor
+    from facemllm.annotators.faces import FaceConfig
+    from facemllm.pipeline.faces import FaceShardProcessor
 
     config = FaceConfig(model=Path(model), det_size=DET_SIZE, det_thresh=DET_THRESH, intra_op_threads=threads)
     processor = FaceShardProcessor(config, Path(work) / "faces")
@@ -214,8 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder and print it")
     args = parser.parse_args(argv)
 
-    from annotators.model_store import default_detector_path, ensure_scrfd_package
-    from pipeline.demo_sample import package_photos
+    from facemllm.annotators.model_store import default_detector_path, ensure_scrfd_package
+    from facemllm.pipeline.demo_sample import package_photos
 
     photos = package_photos(ensure_scrfd_package())
     model = str(default_detector_path())

@@ -54,8 +54,8 @@ def side_trainer(
 ) -> dict:
     import torch
 
-    from training.config import TrainRunConfig
-    from training.loop import train
+    from facemllm.training.config import TrainRunConfig
+    from facemllm.training.loop import train
 
     torch.set_num_threads(threads)
     config = TrainRunConfig.model_validate(
@@ -84,9 +84,9 @@ def side_trainer(
 
 
 def _batches(model: str, shards: str, count: int, batch_size: int) -> list[dict]:
-    from training.config import DataConfig, ModelConfig
-    from training.data import ShardBatches, resolve_sources
-    from training.model import build_model
+    from facemllm.training.config import DataConfig, ModelConfig
+    from facemllm.training.data import ShardBatches, resolve_sources
+    from facemllm.training.model import build_model
 
     loaded = build_model(ModelConfig(pretrained=model))
     data = DataConfig.model_validate(_data_config(Path(shards), batch_size, 0))
@@ -128,9 +128,9 @@ def side_bare(model: str, shards: str, steps: int, warmup: int, batch_size: int,
 
 
 def side_loader(model: str, shards: str, batches: int, batch_size: int, workers: int) -> dict:
-    from training.config import DataConfig, ModelConfig
-    from training.data import ShardBatches, make_loader, resolve_sources
-    from training.model import build_model
+    from facemllm.training.config import DataConfig, ModelConfig
+    from facemllm.training.data import ShardBatches, make_loader, resolve_sources
+    from facemllm.training.model import build_model
 
     loaded = build_model(ModelConfig(pretrained=model))
     data = DataConfig.model_validate(_data_config(Path(shards), batch_size, workers))

@@ -24,11 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from annotators.annotate_config import ClientSettings
-from annotators.mllm_client import ChatClient, RequestFailure, image_data_url, normalize_base_url, redact_url
-from schemas import QASample
-from schemas.evaluation import ModelInfo
-from training.templates import conversation_to_messages
+from facemllm.annotators.annotate_config import ClientSettings
+from facemllm.annotators.mllm_client import (
+    ChatClient,
+    RequestFailure,
+    image_data_url,
+    normalize_base_url,
+    redact_url,
+)
+from facemllm.schemas import QASample
+from facemllm.schemas.evaluation import ModelInfo
+from facemllm.training.templates import conversation_to_messages
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
@@ -91,7 +97,7 @@ class CheckpointModel:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from training.model import family_of
+        from facemllm.training.model import family_of
 
         path = Path(folder)
         if not (path / "config.json").is_file():

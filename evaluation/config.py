@@ -8,11 +8,11 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from annotators.annotate_config import ClientSettings
-from pipeline.config import StrictModel, load_yaml_config
-from pipeline.storage import StorageOptions, is_remote
-from schemas import SourceDataset
-from schemas.evaluation import EVAL_TASKS, EvalTask
+from facemllm.annotators.annotate_config import ClientSettings
+from facemllm.pipeline.config import StrictModel, load_yaml_config
+from facemllm.pipeline.storage import StorageOptions, is_remote
+from facemllm.schemas import SourceDataset
+from facemllm.schemas.evaluation import EVAL_TASKS, EvalTask
 
 DEFAULT_SPLITS: dict[SourceDataset, str] = {
     "celeba": "test",

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import get_args
 
-from pipeline.storage import Storage, StorageOptions, iter_tar_stream
-from schemas import PublishedManifest, QASample, RunManifest, ShardManifest, SourceDataset
+from facemllm.pipeline.storage import Storage, StorageOptions, iter_tar_stream
+from facemllm.schemas import PublishedManifest, QASample, RunManifest, ShardManifest, SourceDataset
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from evaluation.tasks import TaskSpec, class_order, label_class
-from schemas.evaluation import ConfusionMatrix, Estimate, Prediction, TaskResult, WorstExample
+from facemllm.evaluation.tasks import TaskSpec, class_order, label_class
+from facemllm.schemas.evaluation import ConfusionMatrix, Estimate, Prediction, TaskResult, WorstExample
 
 UNPARSED_COLUMN = "unparsed"
 REPLICATES_PER_BLOCK = 100

@@ -35,7 +35,7 @@ import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from reformatters.qa import LETTERS
+from facemllm.reformatters.qa import LETTERS
 
 PARSER_VERSION = "1"
 

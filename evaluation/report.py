@@ -15,8 +15,15 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from pipeline.sink import write_bytes_atomic
-from schemas.evaluation import EVAL_TASKS, ConfusionMatrix, Estimate, EvalResult, Prediction, TaskResult
+from facemllm.pipeline.sink import write_bytes_atomic
+from facemllm.schemas.evaluation import (
+    EVAL_TASKS,
+    ConfusionMatrix,
+    Estimate,
+    EvalResult,
+    Prediction,
+    TaskResult,
+)
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1200px; }

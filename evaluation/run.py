@@ -19,17 +19,23 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from annotators.request_cache import RequestCache
-from evaluation.clients import CheckpointModel, EndpointModel, ModelClient, Question, request_identity
-from evaluation.config import EvalConfig, ModelSpec
-from evaluation.data import EvalData, QAItem, ShardRef
-from evaluation.metrics import score_task
-from evaluation.parsing import PARSER_VERSION
-from evaluation.report import fmt, write_comparison, write_model_report
-from evaluation.tasks import TASKS, ZERO_SHOT_SPLIT, TaskSpec, judge, label_class
-from pipeline.manifest import package_versions
-from pipeline.sink import write_bytes_atomic
-from schemas.evaluation import DataInfo, EvalResult, Prediction
+from facemllm.annotators.request_cache import RequestCache
+from facemllm.evaluation.clients import (
+    CheckpointModel,
+    EndpointModel,
+    ModelClient,
+    Question,
+    request_identity,
+)
+from facemllm.evaluation.config import EvalConfig, ModelSpec
+from facemllm.evaluation.data import EvalData, QAItem, ShardRef
+from facemllm.evaluation.metrics import score_task
+from facemllm.evaluation.parsing import PARSER_VERSION
+from facemllm.evaluation.report import fmt, write_comparison, write_model_report
+from facemllm.evaluation.tasks import TASKS, ZERO_SHOT_SPLIT, TaskSpec, judge, label_class
+from facemllm.pipeline.manifest import package_versions
+from facemllm.pipeline.sink import write_bytes_atomic
+from facemllm.schemas.evaluation import DataInfo, EvalResult, Prediction
 
 # the labels an image's accuracy is broken down by: gender, race, age band (an age counts as its band)
 GROUP_LABELS = {"gender": "gender", "race": "race", "age_band": "age_band", "age": "age_band"}

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from evaluation.parsing import (
+from facemllm.evaluation.parsing import (
     LETTERS,
     AgeReading,
     Vocabulary,
@@ -29,13 +29,13 @@ from evaluation.parsing import (
     parse_letters,
     parse_yes_no,
 )
-from reformatters.demographics import AGE_BAND_BOUNDS, AGE_BANDS, GENDERS, OLDEST_BAND, age_band
-from reformatters.fairface import RACES as FAIRFACE_RACES
-from reformatters.qa import LabelSpace
-from reformatters.rafdb import EXPRESSIONS
-from reformatters.utkface import RACES as UTKFACE_RACES
-from schemas import QASample, QATask, SourceDataset
-from schemas.evaluation import EvalTask, ParseStatus
+from facemllm.reformatters.demographics import AGE_BAND_BOUNDS, AGE_BANDS, GENDERS, OLDEST_BAND, age_band
+from facemllm.reformatters.fairface import RACES as FAIRFACE_RACES
+from facemllm.reformatters.qa import LabelSpace
+from facemllm.reformatters.rafdb import EXPRESSIONS
+from facemllm.reformatters.utkface import RACES as UTKFACE_RACES
+from facemllm.schemas import QASample, QATask, SourceDataset
+from facemllm.schemas.evaluation import EvalTask, ParseStatus
 
 ZERO_SHOT_SPLIT = "zeroshot"  # CelebA's split of questions about held-out attributes
 

@@ -34,13 +34,19 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
-from annotators.annotate_config import AnnotateConfig
-from annotators.mllm_client import Answer, ChatClient, MLLMAnnotator, Outcome
-from annotators.request_cache import RequestCache
-from annotators.template_annotator import TemplateAnnotator
-from pipeline.sink import ShardWriter, iter_tar_samples, shard_paths, write_json_atomic, write_parquet_atomic
-from schemas.annotation import AnnotationStatus, FaceAnnotation
-from schemas.records import FaceRecord
+from facemllm.annotators.annotate_config import AnnotateConfig
+from facemllm.annotators.mllm_client import Answer, ChatClient, MLLMAnnotator, Outcome
+from facemllm.annotators.request_cache import RequestCache
+from facemllm.annotators.template_annotator import TemplateAnnotator
+from facemllm.pipeline.sink import (
+    ShardWriter,
+    iter_tar_samples,
+    shard_paths,
+    write_json_atomic,
+    write_parquet_atomic,
+)
+from facemllm.schemas.annotation import AnnotationStatus, FaceAnnotation
+from facemllm.schemas.records import FaceRecord
 
 CACHE_DIR_NAME = "_cache"
 OutcomeHook = Callable[[Outcome], None]
@@ -53,7 +59,7 @@ def completed_face_shards(faces_dir: Path) -> list[int]:
 
 def check_annotate_config(config: AnnotateConfig) -> None:
     """Everything that can be checked before any work: server source, prompt file, server python."""
-    from annotators.prompts import load_prompt
+    from facemllm.annotators.prompts import load_prompt
 
     config.check_ready()
     if config.annotator == "mllm":
@@ -279,7 +285,7 @@ def _start_server(config: AnnotateConfig):
     if config.annotator != "mllm":
         return None, None
     if config.server is not None:
-        from annotators.vllm_server import VLLMServer
+        from facemllm.annotators.vllm_server import VLLMServer
 
         server = VLLMServer(config.server, config.request_model).start()
         return server, server.base_url
@@ -322,7 +328,7 @@ class AnnotateDoFn(beam.DoFn):
         self.server = None
 
     def setup(self):
-        from pipeline.storage import RunStore
+        from facemllm.pipeline.storage import RunStore
 
         self.store = RunStore(self.out) if self.out is not None else None
         if self.store is not None:  # this worker's mirror (it may differ from the driver's)
@@ -410,10 +416,10 @@ class FaceAnnotationModelHandler(ModelHandler):
 
 def run_annotate(faces_dir: Path, annotations_dir: Path, config: AnnotateConfig, runner=None):
     """``facemllm annotate``: this stage alone over completed face shards; returns its ShardManifest."""
-    from pipeline.config import RunnerConfig
-    from pipeline.manifest import shard_stage_manifest
-    from pipeline.runners import make_runner, pipeline_options
-    from pipeline.sink import write_sizes
+    from facemllm.pipeline.config import RunnerConfig
+    from facemllm.pipeline.manifest import shard_stage_manifest
+    from facemllm.pipeline.runners import make_runner, pipeline_options
+    from facemllm.pipeline.sink import write_sizes
 
     faces_dir, annotations_dir = Path(faces_dir), Path(annotations_dir)
     check_annotate_config(config)

@@ -12,8 +12,8 @@ import shlex
 
 from pydantic import BaseModel, ConfigDict
 
-from annotators.annotate_config import AnnotateConfig
-from pipeline.config import RunnerConfig, apply_overrides
+from facemllm.annotators.annotate_config import AnnotateConfig
+from facemllm.pipeline.config import RunnerConfig, apply_overrides
 
 VLLM_PYTHON_ENV = "FACEMLLM_VLLM_PYTHON"
 

@@ -28,9 +28,9 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.manifest import print_summary
-    from pipeline.run import run
+    from facemllm.pipeline.config import load_config
+    from facemllm.pipeline.manifest import print_summary
+    from facemllm.pipeline.run import run
 
     config = load_config(args.config, args.overrides)
     print_summary(run(config))
@@ -38,16 +38,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from facemllm.pipeline.demo import run_demo
 
     return run_demo(Path(args.out), args.overrides)
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    from pipeline.annotate import run_annotate
-    from pipeline.annotate_cli import annotate_job_from_args
-    from pipeline.manifest import print_summary
-    from schemas import RunManifest
+    from facemllm.pipeline.annotate import run_annotate
+    from facemllm.pipeline.annotate_cli import annotate_job_from_args
+    from facemllm.pipeline.manifest import print_summary
+    from facemllm.schemas import RunManifest
 
     annotate, runner = annotate_job_from_args(args)
     manifest = run_annotate(Path(args.input), Path(args.out), annotate, runner)
@@ -56,8 +56,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from annotators.faces import FaceConfig, detect_paths
-    from pipeline.config import apply_overrides
+    from facemllm.annotators.faces import FaceConfig, detect_paths
+    from facemllm.pipeline.config import apply_overrides
 
     config = FaceConfig.model_validate(apply_overrides({}, args.overrides))
     for line in detect_paths([Path(p) for p in args.images], config):
@@ -66,8 +66,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_reformat(args: argparse.Namespace) -> int:
-    from pipeline.manifest import print_summary
-    from pipeline.reformat import load_reformat_config, run_reformat
+    from facemllm.pipeline.manifest import print_summary
+    from facemllm.pipeline.reformat import load_reformat_config, run_reformat
 
     config = load_reformat_config(
         args.config,
@@ -92,7 +92,7 @@ def _add_storage_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _storage_options(args: argparse.Namespace):
-    from pipeline.storage import StorageOptions
+    from facemllm.pipeline.storage import StorageOptions
 
     return StorageOptions(
         endpoint_url=args.endpoint_url, parallel=args.parallel, progress=not args.no_progress
@@ -100,14 +100,14 @@ def _storage_options(args: argparse.Namespace):
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from pipeline.publish import publish
+    from facemllm.pipeline.publish import publish
 
     print(publish(Path(args.out), args.dest, _storage_options(args)).model_dump_json(indent=2))
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pipeline.publish import verify
+    from facemllm.pipeline.publish import verify
 
     report = verify(args.dest, _storage_options(args), args.version)
     for problem in report.problems:
@@ -117,7 +117,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from pipeline.publish import RemovalRequest, remove
+    from facemllm.pipeline.publish import RemovalRequest, remove
 
     report = remove(args.dest, RemovalRequest.from_file(Path(args.ids)), _storage_options(args))
     print(report.model_dump_json(indent=2))
@@ -125,17 +125,17 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from training.config import load_train_config
+    from facemllm.training.config import load_train_config
 
     config = load_train_config(args.config, args.overrides)  # a bad config stops before torch loads
-    from training.loop import train
+    from facemllm.training.loop import train
 
     summary = train(config)
     return 0 if summary["status"] in ("completed", "interrupted") else 1
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from evaluation.config import ModelSpec, load_eval_config
+    from facemllm.evaluation.config import ModelSpec, load_eval_config
 
     models = [ModelSpec.parse(spec).model_dump(exclude_none=True) for spec in args.model] or None
     config = load_eval_config(
@@ -147,7 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out=args.out,
         max_samples_per_task=args.max_samples_per_task,
     )
-    from evaluation.run import evaluate, summary_lines
+    from facemllm.evaluation.run import evaluate, summary_lines
 
     results = evaluate(config)
     print("\n".join(summary_lines(results)))
@@ -162,8 +162,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_laion_face_qa(args: argparse.Namespace) -> int:
-    from pipeline.config import apply_overrides
-    from reformatters.laion_face import LaionFaceQAConfig, reformat_annotations
+    from facemllm.pipeline.config import apply_overrides
+    from facemllm.reformatters.laion_face import LaionFaceQAConfig, reformat_annotations
 
     config = LaionFaceQAConfig.model_validate(apply_overrides({}, args.overrides))
     summary = reformat_annotations(args.annotations, args.out, config)
@@ -172,7 +172,7 @@ def cmd_laion_face_qa(args: argparse.Namespace) -> int:
 
 
 def cmd_schema_export(args: argparse.Namespace) -> int:
-    from schemas import export_json_schemas
+    from facemllm.schemas import export_json_schemas
 
     for path in export_json_schemas(args.dir):
         print(path)
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "running one with --endpoint, or a vLLM server the stage starts with --server-model); "
         "writes annotation shards and a status row per face.",
     )
-    from pipeline.annotate_cli import add_annotate_arguments
+    from facemllm.pipeline.annotate_cli import add_annotate_arguments
 
     add_annotate_arguments(annotate)
     _add_overrides(annotate)
@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="run one training stage (1 alignment, 2 basic VQA, 3 face tasks)",
         description="Train one stage of a YAML training config on the WebDataset shards it names. "
-        "One process here; for several GPUs: torchrun --nproc_per_node N -m training CONFIG.",
+        "One process here; for several GPUs: torchrun --nproc_per_node N -m facemllm.training CONFIG.",
     )
     train.add_argument(
         "config", help=f"YAML stage config (stage1.yaml, stage2.yaml, stage3.yaml in {REPO_CONFIGS})"

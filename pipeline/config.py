@@ -15,9 +15,9 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from annotators.annotate_config import ANNOTATE_RUNTIME_FIELDS, AnnotateConfig
-from annotators.face_config import FaceConfig
-from pipeline.netguard import DestinationPolicy
+from facemllm.annotators.annotate_config import ANNOTATE_RUNTIME_FIELDS, AnnotateConfig
+from facemllm.annotators.face_config import FaceConfig
+from facemllm.pipeline.netguard import DestinationPolicy
 
 ConfigModel = TypeVar("ConfigModel", bound=BaseModel)
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from annotators.model_store import ensure_scrfd_package
-from pipeline.config import RunConfig, load_config
-from pipeline.demo_sample import DemoSample, build_demo_sample, package_photos
-from pipeline.manifest import print_summary
-from pipeline.run import run
-from pipeline.sample_server import SampleServer
+from facemllm.annotators.model_store import ensure_scrfd_package
+from facemllm.pipeline.config import RunConfig, load_config
+from facemllm.pipeline.demo_sample import DemoSample, build_demo_sample, package_photos
+from facemllm.pipeline.manifest import print_summary
+from facemllm.pipeline.run import run
+from facemllm.pipeline.sample_server import SampleServer
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 

@@ -28,9 +28,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import DownloadConfig
-from pipeline.netguard import install_guarded_opener
-from pipeline.sink import (
+from facemllm.pipeline.config import DownloadConfig
+from facemllm.pipeline.netguard import install_guarded_opener
+from facemllm.pipeline.sink import (
     SHARD_ID_DIGITS,
     repack_sorted,
     shard_paths,

@@ -15,8 +15,14 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from annotators.faces import FaceConfig, FaceCropper
-from pipeline.sink import ShardWriter, iter_tar_samples, shard_paths, write_json_atomic, write_parquet_atomic
+from facemllm.annotators.faces import FaceConfig, FaceCropper
+from facemllm.pipeline.sink import (
+    ShardWriter,
+    iter_tar_samples,
+    shard_paths,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 
 IMAGE_META_FIELDS = {
     "url": "url",

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.config import RunConfig
-from pipeline.sink import shard_info, shard_paths, split_member_name, write_json_atomic, write_sizes
-from schemas import RunManifest, ShardInfo, ShardManifest
+from facemllm.pipeline.config import RunConfig
+from facemllm.pipeline.sink import shard_info, shard_paths, split_member_name, write_json_atomic, write_sizes
+from facemllm.schemas import RunManifest, ShardInfo, ShardManifest
 
 TRACKED_PACKAGES = (
     "facemllm",

@@ -30,9 +30,15 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-from pipeline.sink import ShardWriter, check_member_name, iter_tar_samples, shard_info, split_member_name
-from pipeline.storage import MIB, Storage, StorageOptions
-from schemas import PublishedManifest, RemovalSummary, RunManifest, ShardInfo, ShardManifest
+from facemllm.pipeline.sink import (
+    ShardWriter,
+    check_member_name,
+    iter_tar_samples,
+    shard_info,
+    split_member_name,
+)
+from facemllm.pipeline.storage import MIB, Storage, StorageOptions
+from facemllm.schemas import PublishedManifest, RemovalSummary, RunManifest, ShardInfo, ShardManifest
 
 CURRENT_MANIFEST = "manifest.json"
 VERSION_FOLDER = re.compile(r"v\d+")

@@ -28,11 +28,11 @@ import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 from pydantic import Field
 
-from annotators.face_config import FaceConfig
-from pipeline.config import RunnerConfig, StrictModel, load_yaml_config
-from pipeline.manifest import package_versions
-from pipeline.runners import make_runner, pipeline_options
-from pipeline.sink import (
+from facemllm.annotators.face_config import FaceConfig
+from facemllm.pipeline.config import RunnerConfig, StrictModel, load_yaml_config
+from facemllm.pipeline.manifest import package_versions
+from facemllm.pipeline.runners import make_runner, pipeline_options
+from facemllm.pipeline.sink import (
     ShardWriter,
     atomic_path,
     shard_info,
@@ -41,9 +41,9 @@ from pipeline.sink import (
     write_json_atomic,
     write_sizes,
 )
-from reformatters import DatasetReformatter, QAConfig, make_reformatter
-from reformatters.base import ImageLoad, ImageLoader, RowRejected
-from schemas import QASample, RunManifest, ShardInfo, ShardManifest, SourceDataset
+from facemllm.reformatters import DatasetReformatter, QAConfig, make_reformatter
+from facemllm.reformatters.base import ImageLoad, ImageLoader, RowRejected
+from facemllm.schemas import QASample, RunManifest, ShardInfo, ShardManifest, SourceDataset
 
 METRICS_NAMESPACE = "facemllm"
 CHUNKS_DIR = "_chunks"
@@ -84,7 +84,7 @@ class FaceCropLoader:
     """For unaligned images: the loaded image's largest face, as the face stage crops it."""
 
     def __init__(self, load: ImageLoader, faces: FaceConfig):
-        from annotators.faces import FaceCropper
+        from facemllm.annotators.faces import FaceCropper
 
         self.load = load
         self.cropper = FaceCropper(faces)

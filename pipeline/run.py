@@ -20,11 +20,11 @@ from pathlib import Path
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipeline.config import RunConfig
-from pipeline.manifest import SHARD_STAGES, write_run_manifest
-from pipeline.runners import make_runner, pipeline_options
-from pipeline.sink import shard_paths
-from pipeline.storage import RunStore, local_folder
+from facemllm.pipeline.config import RunConfig
+from facemllm.pipeline.manifest import SHARD_STAGES, write_run_manifest
+from facemllm.pipeline.runners import make_runner, pipeline_options
+from facemllm.pipeline.sink import shard_paths
+from facemllm.pipeline.storage import RunStore, local_folder
 
 METRICS_NAMESPACE = "facemllm"
 
@@ -34,7 +34,7 @@ class SelectDoFn(beam.DoFn):
         self.config = config
 
     def setup(self):
-        from pipeline.select import LaionFaceSelector, load_sample_ids
+        from facemllm.pipeline.select import LaionFaceSelector, load_sample_ids
 
         select = self.config.select
         ids = load_sample_ids(select.ids, select.id_parts, select.trust_id_pickle)
@@ -42,7 +42,7 @@ class SelectDoFn(beam.DoFn):
         self.selector = LaionFaceSelector(select, ids, self.store.local / "urls")
 
     def process(self, indexed_input: tuple[int, str]):
-        from pipeline.select import url_shard_path
+        from facemllm.pipeline.select import url_shard_path
 
         marker = self.selector.marker_path(indexed_input[0])
         self.store.fetch_completed(marker)
@@ -60,7 +60,7 @@ class DownloadDoFn(beam.DoFn):
         self.config = config
 
     def setup(self):
-        from pipeline.download import ImageShardDownloader
+        from facemllm.pipeline.download import ImageShardDownloader
 
         self.store = RunStore(self.config.out)
         self.downloader = ImageShardDownloader(
@@ -68,7 +68,7 @@ class DownloadDoFn(beam.DoFn):
         )
 
     def process(self, shard: tuple[int, str]):
-        from pipeline.select import url_shard_path
+        from facemllm.pipeline.select import url_shard_path
 
         shard_id = shard[0]
         url_shard = url_shard_path(self.store.local / "urls", shard_id)  # this worker's copy
@@ -91,8 +91,8 @@ class FacesDoFn(beam.DoFn):
         self.config = config
 
     def setup(self):
-        from pipeline.download import bound_decoder_pixels
-        from pipeline.faces import FaceShardProcessor
+        from facemllm.pipeline.download import bound_decoder_pixels
+        from facemllm.pipeline.faces import FaceShardProcessor
 
         bound_decoder_pixels(self.config.download.max_image_pixels)
         self.store = RunStore(self.config.out)
@@ -150,7 +150,7 @@ def clean_stale_temporaries(out: Path) -> None:
 
 
 def build(pipeline: beam.Pipeline, config: RunConfig) -> None:
-    from pipeline.select import expand_inputs
+    from facemllm.pipeline.select import expand_inputs
 
     out = local_folder(config.out)
     stages = config.stages
@@ -171,7 +171,7 @@ def build(pipeline: beam.Pipeline, config: RunConfig) -> None:
     if "faces" in stages:
         shards = shards | "SpreadImageShards" >> beam.Reshuffle() | "Faces" >> beam.ParDo(FacesDoFn(config))
     if "annotate" in stages:
-        from pipeline.annotate import AnnotateDoFn, completed_face_shards
+        from facemllm.pipeline.annotate import AnnotateDoFn, completed_face_shards
 
         if "faces" not in stages:
             shards = pipeline | "FaceShards" >> beam.Create(completed_face_shards(out / "faces"))
@@ -181,7 +181,7 @@ def build(pipeline: beam.Pipeline, config: RunConfig) -> None:
 
 def check_inputs(config: RunConfig) -> None:
     """Fail on missing inputs before any work starts, naming the setting to change."""
-    from pipeline.select import expand_inputs
+    from facemllm.pipeline.select import expand_inputs
 
     if "select" in config.stages:
         expand_inputs(config.select.metadata)
@@ -192,14 +192,14 @@ def check_inputs(config: RunConfig) -> None:
         if "faces" in config.stages and path is not None and not Path(path).exists():
             raise FileNotFoundError(f"faces.{name}: no such path {str(path)!r}")
     if "annotate" in config.stages:
-        from pipeline.annotate import check_annotate_config
+        from facemllm.pipeline.annotate import check_annotate_config
 
         check_annotate_config(config.annotate)
 
 
 def run(config: RunConfig):
     """Run the configured stages to completion, then write the manifest; returns it."""
-    from pipeline.download import bound_decoder_pixels
+    from facemllm.pipeline.download import bound_decoder_pixels
 
     check_inputs(config)
     bound_decoder_pixels(config.download.max_image_pixels)  # before any import of cv2; workers inherit it

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.config import RunnerConfig
+from facemllm.pipeline.config import RunnerConfig
 
 RUNNER_NAMES = {
     "portable": "PortableRunner",

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.config import SelectConfig
-from pipeline.sink import write_json_atomic, write_parquet_atomic
+from facemllm.pipeline.config import SelectConfig
+from facemllm.pipeline.sink import write_json_atomic, write_parquet_atomic
 
 # LAION-400M metadata column -> LaionRow field
 LAION_COLUMNS = {

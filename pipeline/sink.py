@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import ShardInfo
+from facemllm.schemas import ShardInfo
 
 Sample = dict[str, bytes]  # extension -> payload, e.g. {"jpg": ..., "json": ...}
 

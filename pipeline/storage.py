@@ -38,7 +38,7 @@ from typing import IO, TypeVar
 import fsspec
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.sink import (
+from facemllm.pipeline.sink import (
     atomic_path,
     check_member_name,
     group_samples,
@@ -328,7 +328,7 @@ def local_folder(out: str) -> Path:
     (``$FACEMLLM_STAGING``, else the cache folder's ``staging/``, one subfolder per URL)."""
     if not is_remote(out):
         return Path(out)
-    from annotators.model_store import default_cache_dir
+    from facemllm.annotators.model_store import default_cache_dir
 
     root = Path(os.environ.get(STAGING_ENV) or default_cache_dir() / "staging").expanduser()
     return root / hashlib.sha256(out.rstrip("/").encode()).hexdigest()[:16]

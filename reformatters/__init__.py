@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reformatters.base import DatasetReformatter
-from reformatters.celeba import CelebAReformatter
-from reformatters.config import QAConfig
-from reformatters.fairface import FairFaceReformatter
-from reformatters.rafdb import RAFDBReformatter
-from reformatters.utkface import UTKFaceReformatter
-from schemas import SourceDataset
+from facemllm.reformatters.base import DatasetReformatter
+from facemllm.reformatters.celeba import CelebAReformatter
+from facemllm.reformatters.config import QAConfig
+from facemllm.reformatters.fairface import FairFaceReformatter
+from facemllm.reformatters.rafdb import RAFDBReformatter
+from facemllm.reformatters.utkface import UTKFaceReformatter
+from facemllm.schemas import SourceDataset
 
 REFORMATTERS: dict[SourceDataset, type[DatasetReformatter]] = {
     "celeba": CelebAReformatter,

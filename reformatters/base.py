@@ -18,10 +18,10 @@ from typing import ClassVar, Generic, TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
-from reformatters.config import QAConfig
-from reformatters.qa import QABuilder, QAPair
-from schemas import QASample, ReformatStatus, SourceDataset, Turn
-from schemas.qa import ReformatOutcome
+from facemllm.reformatters.config import QAConfig
+from facemllm.reformatters.qa import QABuilder, QAPair
+from facemllm.schemas import QASample, ReformatStatus, SourceDataset, Turn
+from facemllm.schemas.qa import ReformatOutcome
 
 LabelT = TypeVar("LabelT")
 IMAGE_TOKEN = "<image>"

@@ -15,10 +15,10 @@ import math
 import random
 from pathlib import Path
 
-from reformatters.base import DatasetReformatter, InputRow, Rejection, safe_relative
-from reformatters.celeba_attributes import CELEBA_ATTRIBUTES
-from reformatters.config import QAConfig
-from reformatters.qa import QAPair
+from facemllm.reformatters.base import DatasetReformatter, InputRow, Rejection, safe_relative
+from facemllm.reformatters.celeba_attributes import CELEBA_ATTRIBUTES
+from facemllm.reformatters.config import QAConfig
+from facemllm.reformatters.qa import QAPair
 
 ATTRIBUTE_NAMES = tuple(CELEBA_ATTRIBUTES)
 PARTITIONS = {"0": "train", "1": "val", "2": "test"}

@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from reformatters.celeba_attributes import CELEBA_ATTRIBUTES
-from schemas import AnswerStyle
+from facemllm.reformatters.celeba_attributes import CELEBA_ATTRIBUTES
+from facemllm.schemas import AnswerStyle
 
 
 class StrictModel(BaseModel):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from reformatters.qa import Category, LabelSpace, QABuilder, QAPair
+from facemllm.reformatters.qa import Category, LabelSpace, QABuilder, QAPair
 
 AGE_BAND_BOUNDS = ((0, 2), (3, 9), (10, 19), (20, 29), (30, 39), (40, 49), (50, 59), (60, 69))
 OLDEST_BAND = "more than 70"  # FairFace's wording; it holds 70 itself

@@ -12,10 +12,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from reformatters.base import DatasetReformatter, InputRow, Rejection, safe_relative
-from reformatters.config import QAConfig
-from reformatters.demographics import AGE_BANDS, PerceivedDemographics, demographic_pairs
-from reformatters.qa import Category, LabelSpace, QAPair
+from facemllm.reformatters.base import DatasetReformatter, InputRow, Rejection, safe_relative
+from facemllm.reformatters.config import QAConfig
+from facemllm.reformatters.demographics import AGE_BANDS, PerceivedDemographics, demographic_pairs
+from facemllm.reformatters.qa import Category, LabelSpace, QAPair
 
 LABEL_FILES = {"train": "fairface_label_train.csv", "val": "fairface_label_val.csv"}
 REQUIRED_COLUMNS = ("file", "age", "gender", "race")

@@ -34,12 +34,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.sink import ShardWriter, iter_tar_samples, write_json_atomic
-from reformatters.qa import LETTERS, lettered
-from reformatters.templates import NO, SINGLE_CHOICE_INSTRUCTIONS, YES
-from schemas.annotation import FaceAnnotation, FaceAttributes
-from schemas.qa import AnswerStyle, QALabel, Turn
-from schemas.records import Record
+from facemllm.pipeline.sink import ShardWriter, iter_tar_samples, write_json_atomic
+from facemllm.reformatters.qa import LETTERS, lettered
+from facemllm.reformatters.templates import NO, SINGLE_CHOICE_INSTRUCTIONS, YES
+from facemllm.schemas.annotation import FaceAnnotation, FaceAttributes
+from facemllm.schemas.qa import AnswerStyle, QALabel, Turn
+from facemllm.schemas.records import Record
 
 IMAGE_TOKEN = "<image>"
 CAPTION_DATASET = "laion_face_caption"

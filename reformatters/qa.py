@@ -13,8 +13,8 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from reformatters.config import QAConfig
-from reformatters.templates import (
+from facemllm.reformatters.config import QAConfig
+from facemllm.reformatters.templates import (
     MULTI_CHOICE_INSTRUCTIONS,
     NO,
     NO_OPTION_APPLIES,
@@ -22,7 +22,7 @@ from reformatters.templates import (
     TEMPLATES,
     YES,
 )
-from schemas import AnswerStyle, QALabel, QATask, SourceDataset
+from facemllm.schemas import AnswerStyle, QALabel, QATask, SourceDataset
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 ANSWER_STYLES: tuple[AnswerStyle, ...] = ("open", "multiple_choice", "yes_no")

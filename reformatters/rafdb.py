@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from reformatters.base import DatasetReformatter, InputRow, Rejection, safe_relative
-from reformatters.config import QAConfig
-from reformatters.qa import Category, LabelSpace, QAPair
+from facemllm.reformatters.base import DatasetReformatter, InputRow, Rejection, safe_relative
+from facemllm.reformatters.config import QAConfig
+from facemllm.reformatters.qa import Category, LabelSpace, QAPair
 
 LABEL_FILES = ("EmoLabel/list_patition_label.txt", "EmoLabel/list_partition_label.txt")
 SPLIT_PREFIXES = {"train_": "train", "test_": "test"}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas import QATask
+from facemllm.schemas import QATask
 
 
 @dataclass(frozen=True)

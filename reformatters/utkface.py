@@ -19,9 +19,9 @@ import re
 from collections import defaultdict
 from dataclasses import replace
 
-from reformatters.base import DatasetReformatter, InputRow, Rejection
-from reformatters.demographics import PerceivedDemographics, age_band, demographic_pairs
-from reformatters.qa import Category, LabelSpace, QAPair
+from facemllm.reformatters.base import DatasetReformatter, InputRow, Rejection
+from facemllm.reformatters.demographics import PerceivedDemographics, age_band, demographic_pairs
+from facemllm.reformatters.qa import Category, LabelSpace, QAPair
 
 NAME = re.compile(r"(?P<age>\d+)_(?P<gender>\d+)_(?P<race>\d+)_(?P<taken>\d+)\.jpg(?:\.chip\.jpg)?")
 MAX_AGE = 116

@@ -1,9 +1,18 @@
 """pydantic records: the contracts between facemllm stages."""
 
-from schemas.annotation import ANNOTATION_RECORDS, AnnotationStatus, FaceAnnotation, FaceAttributes
-from schemas.export import export_json_schemas
-from schemas.qa import QA_RECORDS, AnswerStyle, QALabel, QASample, QATask, ReformatStatus, SourceDataset, Turn
-from schemas.records import (
+from facemllm.schemas.annotation import ANNOTATION_RECORDS, AnnotationStatus, FaceAnnotation, FaceAttributes
+from facemllm.schemas.export import export_json_schemas
+from facemllm.schemas.qa import (
+    QA_RECORDS,
+    AnswerStyle,
+    QALabel,
+    QASample,
+    QATask,
+    ReformatStatus,
+    SourceDataset,
+    Turn,
+)
+from facemllm.schemas.records import (
     ALL_RECORDS,
     SCHEMA_VERSION,
     CropGeometry,

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.records import Record
+from facemllm.schemas.records import Record
 
 
 class _Group(BaseModel):

@@ -12,8 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.qa import AnswerStyle, JoinedList, QATask, SourceDataset
-from schemas.records import Record
+from facemllm.schemas.qa import AnswerStyle, JoinedList, QATask, SourceDataset
+from facemllm.schemas.records import Record
 
 EvalTask = Literal["celeba_attributes", "expression", "age", "gender", "race", "zeroshot_attributes"]
 EVAL_TASKS: tuple[EvalTask, ...] = (

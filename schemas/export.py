@@ -8,10 +8,10 @@ from pathlib import Path
 
 def exported_records() -> tuple[type, ...]:
     """Every record of every stage: acquisition and publishing, QA samples, annotations, evaluation."""
-    from schemas.annotation import ANNOTATION_RECORDS
-    from schemas.evaluation import EVALUATION_RECORDS
-    from schemas.qa import QA_RECORDS
-    from schemas.records import ALL_RECORDS
+    from facemllm.schemas.annotation import ANNOTATION_RECORDS
+    from facemllm.schemas.evaluation import EVALUATION_RECORDS
+    from facemllm.schemas.qa import QA_RECORDS
+    from facemllm.schemas.records import ALL_RECORDS
 
     return ALL_RECORDS + QA_RECORDS + ANNOTATION_RECORDS + EVALUATION_RECORDS
 

@@ -18,7 +18,7 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from schemas.records import Record
+from facemllm.schemas.records import Record
 
 SourceDataset = Literal["celeba", "rafdb", "utkface", "fairface"]
 

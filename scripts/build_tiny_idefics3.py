@@ -51,10 +51,11 @@ def example_answers(count: int = 300) -> list[str]:
     """Random answers shaped like the response schema, serialised as a constrained decoder emits
     them (no whitespace), so that keys and values become few tokens: fewer decode steps per answer."""
     import random
-    import sys
 
-    sys.path.insert(0, str(REPO))
-    from schemas.annotation import FaceResponse
+    from checkout_imports import use_checkout
+
+    use_checkout()
+    from facemllm.schemas.annotation import FaceResponse
 
     schema = FaceResponse.model_json_schema()
     rng = random.Random(SEED)
@@ -85,9 +86,9 @@ def corpus_hash() -> str:
 
 def build(folder: Path) -> None:
     """The tests' tiny Idefics3 builder (tests/tiny_models.py), with this corpus and vocabulary."""
-    import sys
+    from checkout_imports import use_checkout
 
-    sys.path.insert(0, str(REPO))
+    use_checkout()
     from tests.tiny_models import build_idefics3
 
     texts = [GENERIC_TEXT, *(path.read_text() for path in CORPUS_FILES), *example_answers()]

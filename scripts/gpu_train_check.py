@@ -28,9 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from checkout_imports import use_checkout
+
+use_checkout()
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 WORDS_TEXT = (
@@ -87,8 +87,8 @@ SIZES = {
 
 def build_tokenizer(folder: Path):
     """The tests' tokenizer trainer (tests/tiny_models.py) on this script's words."""
+    from facemllm.training.templates import LLAVA_TEMPLATE
     from tests.tiny_models import LLAVA_SPECIAL, train_tokenizer
-    from training.templates import LLAVA_TEMPLATE
 
     words = [" ".join(WORDS) + " USER: ASSISTANT: Describe the face."]
     return train_tokenizer(
@@ -104,7 +104,7 @@ def write_shards(
     import numpy as np
     from PIL import Image
 
-    from pipeline.sink import ShardWriter
+    from facemllm.pipeline.sink import ShardWriter
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -148,8 +148,8 @@ def model_flops_per_step(
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from training.config import TrainRunConfig
-    from training.loop import train
+    from facemllm.training.config import TrainRunConfig
+    from facemllm.training.loop import train
 
     size = SIZES["tiny" if args.tiny else "full"]
     out = Path(args.out)

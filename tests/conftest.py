@@ -18,7 +18,7 @@ from tests.vllm_server import vllm_server  # noqa: E402, F401 - session fixture:
 
 @pytest.fixture(scope="session")
 def scrfd_dir() -> Path:
-    from annotators.model_store import ensure_scrfd_package
+    from facemllm.annotators.model_store import ensure_scrfd_package
 
     return ensure_scrfd_package()
 
@@ -30,8 +30,8 @@ def served_sample(scrfd_dir, tmp_path_factory):
     Urls (and so shard bytes) contain the server's port: runs compared with each other must use
     this same server and sample.
     """
-    from pipeline.demo_sample import build_demo_sample, package_photos
-    from pipeline.sample_server import SampleServer
+    from facemllm.pipeline.demo_sample import build_demo_sample, package_photos
+    from facemllm.pipeline.sample_server import SampleServer
 
     photos = package_photos(scrfd_dir)
     # a little latency per request keeps the download stage busy long enough to be killed mid-way

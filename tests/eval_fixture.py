@@ -13,10 +13,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.reformat import load_reformat_config, run_reformat
+from facemllm.pipeline.reformat import load_reformat_config, run_reformat
+from facemllm.training.config import load_train_config
+from facemllm.training.loop import train
 from tests.fixtures_datasets import build_celeba, build_fairface, build_rafdb, build_utkface
-from training.config import load_train_config
-from training.loop import train
 
 REPO = Path(__file__).resolve().parent.parent
 BUILDERS = {
@@ -71,8 +71,8 @@ def train_stage3(qa: Path, pretrained: Path, out: Path, steps: int = 60) -> Path
 def main(out: Path) -> None:
     """The README's comparison: the tiny base model and its stage-3 checkpoint in-process, and the
     stage-3 checkpoint served by vLLM (the annotate tests' managed server mode)."""
-    from evaluation.config import EvalConfig, ModelSpec
-    from evaluation.run import evaluate
+    from facemllm.evaluation.config import EvalConfig, ModelSpec
+    from facemllm.evaluation.run import evaluate
     from tests.tiny_models import build_idefics3
     from tests.vllm_server import served_checkpoint
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from annotators.mllm_client import image_data_url
+from facemllm.annotators.mllm_client import image_data_url
 
 Plan = Callable[[str, int], str | None]
 

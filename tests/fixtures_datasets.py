@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from reformatters.celeba_attributes import CELEBA_ATTRIBUTES
+from facemllm.reformatters.celeba_attributes import CELEBA_ATTRIBUTES
 from tests.photos import insightface_image_dir, insightface_t1, skimage_photo
 
 ATTRIBUTE_NAMES = list(CELEBA_ATTRIBUTES)

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import insightface
 import skimage.data
 
-from annotators.model_store import ensure_scrfd_package
+from facemllm.annotators.model_store import ensure_scrfd_package
 
 SCRFD_PHOTOS = ("solvay_conference_1927.jpg", "newton.png", "gauss.png")
 

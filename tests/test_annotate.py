@@ -13,22 +13,22 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from annotators.annotate_config import AnnotateConfig
-from annotators.mllm_client import (
+from facemllm.annotators.annotate_config import AnnotateConfig
+from facemllm.annotators.mllm_client import (
     InvalidAnswer,
     normalize_base_url,
     parse_answer,
     redact_url,
     response_schema,
 )
-from annotators.prompts import available_prompts, load_prompt
-from annotators.request_cache import RequestCache, request_key
-from annotators.template_annotator import TemplateAnnotator
-from pipeline.annotate import ANNOTATION_STATUS_SCHEMA, AnnotationShardProcessor
-from pipeline.cli import build_parser, main
-from pipeline.sink import ShardWriter, iter_tar_samples, sha256_file, shard_paths
-from schemas.annotation import CELEBA_FIELDS, AnnotationStatus, FaceAnnotation, FaceAttributes
-from schemas.records import CropGeometry, FaceDetection, FaceRecord
+from facemllm.annotators.prompts import available_prompts, load_prompt
+from facemllm.annotators.request_cache import RequestCache, request_key
+from facemllm.annotators.template_annotator import TemplateAnnotator
+from facemllm.pipeline.annotate import ANNOTATION_STATUS_SCHEMA, AnnotationShardProcessor
+from facemllm.pipeline.cli import build_parser, main
+from facemllm.pipeline.sink import ShardWriter, iter_tar_samples, sha256_file, shard_paths
+from facemllm.schemas.annotation import CELEBA_FIELDS, AnnotationStatus, FaceAnnotation, FaceAttributes
+from facemllm.schemas.records import CropGeometry, FaceDetection, FaceRecord
 
 # list_attr_celeba.txt's header, in order (shared REFERENCE.md)
 CELEBA_40 = [

@@ -22,11 +22,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from annotators.faces import FaceConfig
-from pipeline.annotate import AnnotationShardProcessor
-from pipeline.faces import FaceShardProcessor
-from pipeline.sink import ShardWriter, iter_tar_samples, shard_paths
-from schemas.annotation import AnnotationStatus, FaceAnnotation, FaceAttributes
+from facemllm.annotators.faces import FaceConfig
+from facemllm.pipeline.annotate import AnnotationShardProcessor
+from facemllm.pipeline.faces import FaceShardProcessor
+from facemllm.pipeline.sink import ShardWriter, iter_tar_samples, shard_paths
+from facemllm.schemas.annotation import AnnotationStatus, FaceAnnotation, FaceAttributes
 from tests.conftest import subprocess_env
 from tests.faultproxy_http import FaultProxy, image_hash
 from tests.photos import insightface_masks, insightface_t1, scrfd_photo, skimage_photo
@@ -70,7 +70,16 @@ def status_rows(annotations: Path) -> list[dict]:
 
 
 def annotate_cli(faces: Path, out: Path, endpoint: str, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "pipeline.cli", "annotate", "--in", str(faces), "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "facemllm.pipeline.cli",
+        "annotate",
+        "--in",
+        str(faces),
+        "--out",
+        str(out),
+    ]
     command += ["--endpoint", endpoint, "--model", SERVED_NAME, *extra]
     env = {**subprocess_env(), "OPENAI_API_KEY": API_KEY}
     return subprocess.Popen(
@@ -241,7 +250,7 @@ def test_killed_run_resumes_without_asking_again(vllm_server, faces_dir, tmp_pat
         assert process.returncode == 0, output
         second_run = proxy.requests_per_image()
 
-    from annotators.mllm_client import MLLMAnnotator
+    from facemllm.annotators.mllm_client import MLLMAnnotator
     from tests.vllm_server import tiny_annotate_config as config_for
 
     annotator = MLLMAnnotator(
@@ -266,9 +275,9 @@ def test_run_inference_model_handler(vllm_server, faces_dir):
     from apache_beam.ml.inference.base import RunInference
     from apache_beam.testing.util import assert_that
 
-    from pipeline.annotate import FaceAnnotationModelHandler
-    from pipeline.config import RunnerConfig
-    from pipeline.runners import make_runner, pipeline_options
+    from facemllm.pipeline.annotate import FaceAnnotationModelHandler
+    from facemllm.pipeline.config import RunnerConfig
+    from facemllm.pipeline.runners import make_runner, pipeline_options
 
     faces = face_samples(faces_dir)
     elements = [(key, faces[key]["jpg"]) for key in sorted(faces)[:3]]

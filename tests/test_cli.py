@@ -9,15 +9,15 @@ import sys
 import pytest
 import yaml
 
-from pipeline.cli import build_parser, main
-from pipeline.config import load_config
-from schemas.export import exported_records
+from facemllm.pipeline.cli import build_parser, main
+from facemllm.pipeline.config import load_config
+from facemllm.schemas.export import exported_records
 from tests.photos import insightface_masks, scrfd_photo
 
 
 def facemllm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "facemllm.pipeline.cli", *args], capture_output=True, text=True, timeout=120
     )
 
 
@@ -128,8 +128,8 @@ def test_missing_id_list_is_reported_before_the_pipeline_starts(tmp_path):
 def test_direct_runner_is_the_fn_api_runner_never_prism():
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-    from pipeline.config import RunnerConfig
-    from pipeline.runners import make_runner, pipeline_options
+    from facemllm.pipeline.config import RunnerConfig
+    from facemllm.pipeline.runners import make_runner, pipeline_options
 
     assert isinstance(make_runner(RunnerConfig()), FnApiRunner)
     options = pipeline_options(RunnerConfig()).get_all_options()

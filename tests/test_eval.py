@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from evaluation.config import EvalConfig, ModelSpec
-from evaluation.metrics import Bootstrap, score_task
-from evaluation.report import write_comparison, write_model_report
-from evaluation.tasks import TASKS, judge
-from pipeline.cli import main
-from schemas import QALabel, QASample, Turn
-from schemas.evaluation import DataInfo, EvalResult, ModelInfo, Prediction
+from facemllm.evaluation.config import EvalConfig, ModelSpec
+from facemllm.evaluation.metrics import Bootstrap, score_task
+from facemllm.evaluation.report import write_comparison, write_model_report
+from facemllm.evaluation.tasks import TASKS, judge
+from facemllm.pipeline.cli import main
+from facemllm.schemas import QALabel, QASample, Turn
+from facemllm.schemas.evaluation import DataInfo, EvalResult, ModelInfo, Prediction
 
 EXPRESSION_OPTIONS = ["happiness", "fear", "anger", "neutral"]
 SELECTION_OPTIONS = ["Bald", "Smiling", "Eyeglasses", "Male", "Young"]
@@ -382,7 +382,7 @@ def test_reports_and_a_comparison_that_keeps_other_data_apart(tmp_path):
 
 
 def test_example_config_is_valid():
-    from evaluation.config import load_eval_config
+    from facemllm.evaluation.config import load_eval_config
     from tests.eval_fixture import REPO
 
     config = load_eval_config(REPO / "configs" / "eval.yaml", ["max_samples_per_task=100"])

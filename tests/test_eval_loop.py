@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from annotators.vllm_server import free_port
-from evaluation.config import EvalConfig, ModelSpec
-from evaluation.report import load_results
-from evaluation.run import evaluate
-from pipeline.cli import main
-from pipeline.publish import publish
-from pipeline.sink import iter_tar_samples
-from pipeline.storage import StorageOptions
-from schemas import RunManifest
-from schemas.evaluation import EVAL_TASKS, EvalResult, Prediction
+from facemllm.annotators.vllm_server import free_port
+from facemllm.evaluation.config import EvalConfig, ModelSpec
+from facemllm.evaluation.report import load_results
+from facemllm.evaluation.run import evaluate
+from facemllm.pipeline.cli import main
+from facemllm.pipeline.publish import publish
+from facemllm.pipeline.sink import iter_tar_samples
+from facemllm.pipeline.storage import StorageOptions
+from facemllm.schemas import RunManifest
+from facemllm.schemas.evaluation import EVAL_TASKS, EvalResult, Prediction
 from tests.eval_fixture import build_qa, train_stage3
 from tests.faultproxy_http import FaultProxy, image_hash
 from tests.tiny_models import cached_model

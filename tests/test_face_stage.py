@@ -9,10 +9,10 @@ import tarfile
 import pyarrow.parquet as pq
 import pytest
 
-from annotators.faces import FaceConfig
-from pipeline.faces import FACE_STATUS_SCHEMA, FaceShardProcessor
-from pipeline.sink import ShardWriter, UnsafeTarError, iter_tar_samples, shard_paths
-from schemas import FaceRecord, FaceStatus
+from facemllm.annotators.faces import FaceConfig
+from facemllm.pipeline.faces import FACE_STATUS_SCHEMA, FaceShardProcessor
+from facemllm.pipeline.sink import ShardWriter, UnsafeTarError, iter_tar_samples, shard_paths
+from facemllm.schemas import FaceRecord, FaceStatus
 from tests.photos import insightface_masks, insightface_t1
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import resource
 import shutil
 import struct
 import tarfile
@@ -16,8 +15,9 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from annotators.faces import FaceConfig, FaceCropper, FaceResult, decode_image, detect_paths
-from annotators.model_store import (
+from benchmarks._common import peak_rss_mb, reset_peak_rss
+from facemllm.annotators.faces import FaceConfig, FaceCropper, FaceResult, decode_image, detect_paths
+from facemllm.annotators.model_store import (
     COMPLETE_MARKER,
     SCRFD_MODEL_SHA256,
     _safe_extract,
@@ -25,7 +25,7 @@ from annotators.model_store import (
     ensure_scrfd_package,
     sha256_of,
 )
-from schemas import FaceRecord
+from facemllm.schemas import FaceRecord
 from tests.photos import insightface_masks, insightface_t1, scrfd_photo, scrfd_truth_faces, skimage_photo
 
 SOLVAY_FACES = 29  # asserted by the scrfd package's own test
@@ -147,7 +147,8 @@ def with_declared_size(fmt: str, side: int) -> bytes:
     ],
 )
 def test_bad_bytes_fail_to_decode_without_raising(cropper: FaceCropper, solvay: bytes, case: str, make):
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    reset_peak_rss()  # the peak measured below is this decode's, not an earlier test's
+    rss_before = peak_rss_mb()
     result = cropper.process(make(solvay), "bad", {"url": "http://example.com/x.jpg", "sample_id": 7})
     status = result.status
     assert (status.status, result.faces, status.faces_detected) == ("failed_to_decode", [], 0)
@@ -157,7 +158,7 @@ def test_bad_bytes_fail_to_decode_without_raising(cropper: FaceCropper, solvay: 
     if case == "png_9000px":
         assert "9000x9000 pixels exceeds max_image_pixels" in status.error
     # a 20000x20000 BGR image would be 1.2 GB
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 200_000
+    assert peak_rss_mb() - rss_before < 200
 
 
 def test_grayscale_and_alpha_decode_to_bgr():

@@ -23,15 +23,15 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from pipeline.demo_sample import package_photos
-from pipeline.netguard import (
+from facemllm.pipeline.demo_sample import package_photos
+from facemllm.pipeline.netguard import (
     DestinationPolicy,
     RefusedDestination,
     address_category,
     check_destination,
     install_guarded_opener,
 )
-from pipeline.sample_server import SampleServer
+from facemllm.pipeline.sample_server import SampleServer
 
 DEFAULT = DestinationPolicy()
 LOOPBACK_OK = DestinationPolicy(allow_loopback=True)

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.demo import demo_config, expected_counts, observed_counts
-from pipeline.sink import iter_tar_samples, sha256_file
-from schemas import DownloadStatus, FaceRecord, FaceStatus, RunManifest
+from facemllm.pipeline.demo import demo_config, expected_counts, observed_counts
+from facemllm.pipeline.sink import iter_tar_samples, sha256_file
+from facemllm.schemas import DownloadStatus, FaceRecord, FaceStatus, RunManifest
 from tests.conftest import subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -37,7 +37,7 @@ def write_config(sample, out: Path, overrides: list[str] = ()) -> Path:
 def start_run(config_path: Path) -> subprocess.Popen:
     """`facemllm run` in its own process group, so a kill takes its Beam workers with it."""
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", str(config_path)],
+        [sys.executable, "-m", "facemllm.pipeline.cli", "run", str(config_path)],
         env=subprocess_env(),
         start_new_session=True,
         stdout=subprocess.PIPE,

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.publish import (
+from facemllm.pipeline.publish import (
     CURRENT_MANIFEST,
     RemovalRequest,
     publish,
@@ -35,9 +35,9 @@ from pipeline.publish import (
     version_sizes_name,
     wids_index_name,
 )
-from pipeline.sink import ShardWriter, iter_tar_samples, shard_info, write_json_atomic
-from pipeline.storage import MIB, Storage, StorageOptions, enable_webdataset_urls
-from schemas import PublishedManifest, RunManifest, ShardManifest
+from facemllm.pipeline.sink import ShardWriter, iter_tar_samples, shard_info, write_json_atomic
+from facemllm.pipeline.storage import MIB, Storage, StorageOptions, enable_webdataset_urls
+from facemllm.schemas import PublishedManifest, RunManifest, ShardManifest
 from tests.conftest import subprocess_env
 from tests.faultproxy import FaultProxy
 
@@ -243,7 +243,7 @@ def test_verify_names_tampered_and_missing_shards(run_out, dest, tmp_path):
 
 def run_cli(*args: str, tmp: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args, "--no-progress"],
+        [sys.executable, "-m", "facemllm.pipeline.cli", *args, "--no-progress"],
         env={**subprocess_env(), "TMPDIR": str(tmp)},
         capture_output=True,
         text=True,
@@ -357,7 +357,7 @@ def start_cli(*args: str, endpoint: str, tmp: Path) -> subprocess.Popen:
         [
             sys.executable,
             "-m",
-            "pipeline.cli",
+            "facemllm.pipeline.cli",
             *args,
             "--endpoint-url",
             endpoint,

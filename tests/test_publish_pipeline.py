@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.demo import demo_config, expected_counts, observed_counts
-from pipeline.publish import RemovalRequest, remove, verify
-from pipeline.sink import iter_tar_samples
-from pipeline.storage import STAGING_ENV, Storage, StorageOptions, local_folder
-from schemas import PublishedManifest, RunManifest
+from facemllm.pipeline.demo import demo_config, expected_counts, observed_counts
+from facemllm.pipeline.publish import RemovalRequest, remove, verify
+from facemllm.pipeline.sink import iter_tar_samples
+from facemllm.pipeline.storage import STAGING_ENV, Storage, StorageOptions, local_folder
+from facemllm.schemas import PublishedManifest, RunManifest
 from tests.conftest import subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ QUIET = StorageOptions(progress=False, backoff_s=0.05)
 
 def start_run(config: Path, mirror: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", str(config)],
+        [sys.executable, "-m", "facemllm.pipeline.cli", "run", str(config)],
         env={**subprocess_env(), STAGING_ENV: str(mirror)},
         start_new_session=True,
         stdout=subprocess.PIPE,

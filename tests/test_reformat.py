@@ -19,14 +19,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.cli import REPO_CONFIGS, build_parser, main
-from pipeline.reformat import REFORMAT_STATUS_SCHEMA, load_reformat_config, run_reformat
-from pipeline.sink import iter_tar_samples, sha256_file
-from reformatters.celeba_attributes import CELEBA_ATTRIBUTES
-from reformatters.config import CelebAOptions
-from reformatters.demographics import age_band
-from reformatters.qa import LETTERS
-from schemas import QASample, ReformatStatus, RunManifest
+from facemllm.pipeline.cli import REPO_CONFIGS, build_parser, main
+from facemllm.pipeline.reformat import REFORMAT_STATUS_SCHEMA, load_reformat_config, run_reformat
+from facemllm.pipeline.sink import iter_tar_samples, sha256_file
+from facemllm.reformatters.celeba_attributes import CELEBA_ATTRIBUTES
+from facemllm.reformatters.config import CelebAOptions
+from facemllm.reformatters.demographics import age_band
+from facemllm.reformatters.qa import LETTERS
+from facemllm.schemas import QASample, ReformatStatus, RunManifest
 from tests.fixtures_datasets import build_celeba, build_fairface, build_rafdb, build_utkface
 from tests.photos import insightface_masks, insightface_t1, skimage_photo
 

@@ -11,14 +11,14 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from reformatters import QAConfig, make_reformatter
-from reformatters.base import ImageLoader, RowRejected
-from reformatters.celeba_attributes import CELEBA_ATTRIBUTES
-from reformatters.demographics import AGE_BANDS, GENDERS, age_band
-from reformatters.qa import ANSWER_STYLES, LETTERS, QABuilder
-from reformatters.rafdb import EXPRESSIONS
-from reformatters.templates import TEMPLATES
-from reformatters.utkface import RACES as UTK_RACES
+from facemllm.reformatters import QAConfig, make_reformatter
+from facemllm.reformatters.base import ImageLoader, RowRejected
+from facemllm.reformatters.celeba_attributes import CELEBA_ATTRIBUTES
+from facemllm.reformatters.demographics import AGE_BANDS, GENDERS, age_band
+from facemllm.reformatters.qa import ANSWER_STYLES, LETTERS, QABuilder
+from facemllm.reformatters.rafdb import EXPRESSIONS
+from facemllm.reformatters.templates import TEMPLATES
+from facemllm.reformatters.utkface import RACES as UTK_RACES
 from tests.fixtures_datasets import build_celeba, build_fairface, celeba_attr_line
 from tests.photos import skimage_photo
 

@@ -21,7 +21,8 @@ import pytest
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.demo_sample import (
+from benchmarks._common import peak_rss_mb
+from facemllm.pipeline.demo_sample import (
     FAULT_EXPECTED_STATUS,
     LAION_SCHEMA,
     ROW_GROUP_SIZE,
@@ -30,8 +31,8 @@ from pipeline.demo_sample import (
     build_demo_sample,
     package_photos,
 )
-from pipeline.netguard import DestinationPolicy
-from pipeline.sample_server import FAULT_ROUTES, PRIVATE_REDIRECT_TARGET, SampleServer
+from facemllm.pipeline.netguard import DestinationPolicy
+from facemllm.pipeline.sample_server import FAULT_ROUTES, PRIVATE_REDIRECT_TARGET, SampleServer
 
 CLIENT_TIMEOUT_S = 2
 # cv2 refuses to decode images above this many pixels; 64 Mpx keeps every real photo and refuses
@@ -230,7 +231,6 @@ def _download_in_fresh_interpreter(feather_path: str, output_folder: str, report
     Runs in a spawned interpreter because cv2 reads OPENCV_IO_MAX_IMAGE_PIXELS once, when it is
     imported: setting it later in a process that already imported cv2 has no effect.
     """
-    import resource
 
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(MAX_DECODED_PIXELS)
     os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
@@ -238,7 +238,7 @@ def _download_in_fresh_interpreter(feather_path: str, output_folder: str, report
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
 
-    from pipeline.netguard import install_guarded_opener
+    from facemllm.pipeline.netguard import install_guarded_opener
 
     install_guarded_opener(DestinationPolicy(allow_loopback=True))
     downloader = Downloader(
@@ -260,8 +260,8 @@ def _download_in_fresh_interpreter(feather_path: str, output_folder: str, report
         disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"],
     )
     ok, _ = downloader((0, feather_path))
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(report_path).write_text(json.dumps({"ok": ok, "peak_rss_mb": peak_rss_mb}))
+    # VmHWM, not ru_maxrss: a spawned child's ru_maxrss starts at its parent's (pytest's) peak
+    Path(report_path).write_text(json.dumps({"ok": ok, "peak_rss_mb": peak_rss_mb()}))
 
 
 def test_img2dataset_downloader_accounts_for_every_route(

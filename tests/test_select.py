@@ -6,9 +6,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.config import SelectConfig
-from pipeline.select import URL_SHARD_SCHEMA, IdListError, LaionFaceSelector, load_sample_ids, url_shard_path
-from schemas import LaionRow
+from facemllm.pipeline.config import SelectConfig
+from facemllm.pipeline.select import (
+    URL_SHARD_SCHEMA,
+    IdListError,
+    LaionFaceSelector,
+    load_sample_ids,
+    url_shard_path,
+)
+from facemllm.schemas import LaionRow
 
 NSFW_TAGS = ["UNLIKELY", "UNSURE", "NSFW"]
 

@@ -5,7 +5,7 @@ import tarfile
 
 import pytest
 
-from pipeline.sink import (
+from facemllm.pipeline.sink import (
     ShardFormatError,
     ShardWriter,
     UnsafeTarError,

@@ -11,12 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.cli import main
-from pipeline.sink import ShardWriter
-from pipeline.storage import StorageOptions
-from tests.tiny_models import cached_model, color_image, qa_record, write_qa_shards
-from training.config import DataConfig, TrainRunConfig
-from training.data import (
+from facemllm.pipeline.cli import main
+from facemllm.pipeline.sink import ShardWriter
+from facemllm.pipeline.storage import StorageOptions
+from facemllm.training.config import DataConfig, TrainRunConfig
+from facemllm.training.data import (
     Collator,
     ConversationEncoder,
     Item,
@@ -26,8 +25,9 @@ from training.data import (
     expand_shards,
     image_tokens_estimate,
 )
-from training.model import build_model
-from training.templates import conversation_to_messages
+from facemllm.training.model import build_model
+from facemllm.training.templates import conversation_to_messages
+from tests.tiny_models import cached_model, color_image, qa_record, write_qa_shards
 
 STORAGE = StorageOptions(progress=False)
 
@@ -40,7 +40,7 @@ def shards(tmp_path_factory):
 
 
 def loaded(kind, tmp_path_factory):
-    from training.config import ModelConfig
+    from facemllm.training.config import ModelConfig
 
     return build_model(ModelConfig(pretrained=str(cached_model(kind, tmp_path_factory))))
 
@@ -235,7 +235,7 @@ def test_a_bad_config_stops_before_any_work(tmp_path, capsys):
 def test_raw_sample_without_image_member_but_placeholder_is_skipped(tmp_path_factory):
     model = loaded("llava", tmp_path_factory)
     encoder = ConversationEncoder(model.processor, 512, 16)
-    from training.data import SkipSample
+    from facemllm.training.data import SkipSample
 
     raw = RawSample("k", {"json": json.dumps(qa_record("k", "red")).encode()}, 0)
     with pytest.raises(SkipSample, match="missing_image"):

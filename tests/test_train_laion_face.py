@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.cli import main
-from pipeline.sink import ShardWriter, iter_tar_samples
-from reformatters.laion_face import (
+from facemllm.pipeline.cli import main
+from facemllm.pipeline.sink import ShardWriter, iter_tar_samples
+from facemllm.reformatters.laion_face import (
     BINARY,
     CATEGORICAL,
     LaionFaceQAConfig,
     LaionFaceQASample,
     reformat_annotations,
 )
-from schemas.annotation import FaceAnnotation, FaceAttributes, Provenance
+from facemllm.schemas.annotation import FaceAnnotation, FaceAttributes, Provenance
 from tests.photos import skimage_photo
 
 

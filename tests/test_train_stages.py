@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.cli import main
+from facemllm.pipeline.cli import main
+from facemllm.training.config import TrainRunConfig
+from facemllm.training.loop import train
+from facemllm.training.model import build_model
 from tests.conftest import VENV_BIN, subprocess_env
 from tests.tiny_models import cached_model, write_qa_shards
-from training.config import TrainRunConfig
-from training.loop import train
-from training.model import build_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the hub
 REPO = Path(__file__).resolve().parent.parent
@@ -68,7 +68,7 @@ def losses(output_dir: Path) -> list[float]:
 
 
 def initial_state(model: dict) -> dict[str, torch.Tensor]:
-    from training.config import ModelConfig
+    from facemllm.training.config import ModelConfig
 
     return {
         k: v.clone() for k, v in build_model(ModelConfig.model_validate(model)).model.state_dict().items()

@@ -136,7 +136,7 @@ def build_llava(folder: Path) -> Path:
     import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    from training.templates import LLAVA_TEMPLATE
+    from facemllm.training.templates import LLAVA_TEMPLATE
 
     folder = Path(folder)
     tokenizer = train_tokenizer(folder, LLAVA_SPECIAL, "<s>", "</s>", "<pad>", LLAVA_TEMPLATE)
@@ -206,7 +206,7 @@ def build_idefics3(
     )
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    from training.templates import IDEFICS3_TEMPLATE
+    from facemllm.training.templates import IDEFICS3_TEMPLATE
 
     folder = Path(folder)
     tokenizer = train_tokenizer(
@@ -299,7 +299,7 @@ def write_qa_shards(
 
     import numpy as np
 
-    from pipeline.sink import ShardWriter
+    from facemllm.pipeline.sink import ShardWriter
 
     rng = np.random.default_rng(seed)
     folder = Path(folder)

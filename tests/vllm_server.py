@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from annotators.annotate_config import AnnotateConfig, ManagedServerConfig
+from facemllm.annotators.annotate_config import AnnotateConfig, ManagedServerConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SERVED_NAME = "tiny-idefics3"
@@ -90,7 +90,7 @@ def tiny_annotate_config(endpoint: str, **overrides) -> AnnotateConfig:
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory):
     """The session's server, started by the annotate stage's managed mode; yields its base URL."""
-    from pipeline.annotate import FaceAnnotationModelHandler
+    from facemllm.pipeline.annotate import FaceAnnotationModelHandler
 
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     handler = FaceAnnotationModelHandler(AnnotateConfig(server=tiny_server_config(log), model=SERVED_NAME))
@@ -104,7 +104,7 @@ def vllm_server(tmp_path_factory):
 @contextmanager
 def served_checkpoint(folder: Path, log_file: Path, name: str = "checkpoint") -> Iterator[str]:
     """A vLLM server for one checkpoint folder (ours: a trainer's ``final/``); yields its base URL."""
-    from annotators.vllm_server import VLLMServer
+    from facemllm.annotators.vllm_server import VLLMServer
 
     with VLLMServer(server_config(folder, name, log_file)) as server:
         yield server.base_url

@@ -15,8 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.config import apply_overrides
-from pipeline.storage import StorageOptions
+from facemllm.pipeline.config import apply_overrides
+from facemllm.pipeline.storage import StorageOptions
 
 PartName = Literal["projector", "language_model", "vision_tower"]
 STAGE_TRAINABLE: dict[int, list[PartName]] = {

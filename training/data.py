@@ -47,11 +47,11 @@ from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.sink import ShardFormatError, UnsafeTarError
-from pipeline.storage import StorageOptions, filesystem_options, iter_tar_stream, protocol_of
-from training.config import DataConfig
-from training.model import Family
-from training.templates import conversation_to_messages
+from facemllm.pipeline.sink import ShardFormatError, UnsafeTarError
+from facemllm.pipeline.storage import StorageOptions, filesystem_options, iter_tar_stream, protocol_of
+from facemllm.training.config import DataConfig
+from facemllm.training.model import Family
+from facemllm.training.templates import conversation_to_messages
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The training loop: plain PyTorch (DDP via torch.distributed), one stage per run.
 
-``torchrun --nproc_per_node N -m training CONFIG`` or ``facemllm train CONFIG`` (one process). Per
+``torchrun --nproc_per_node N -m facemllm.training CONFIG`` or ``facemllm train CONFIG`` (one process). Per
 optimizer step: ``grad_accum`` micro-batches, the loss summed over answer tokens and divided by the
 answer tokens of the whole global batch (all ranks, all micro-batches), so every token weighs the
 same however the batch is split; gradients clipped; AdamW; cosine schedule with linear warmup.
@@ -34,10 +34,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.sink import write_json_atomic
-from training.config import TrainRunConfig
-from training.data import DataState, ShardBatches, make_loader, resolve_sources, total_samples
-from training.model import (
+from facemllm.pipeline.sink import write_json_atomic
+from facemllm.training.config import TrainRunConfig
+from facemllm.training.data import DataState, ShardBatches, make_loader, resolve_sources, total_samples
+from facemllm.training.model import (
     SAVE_DTYPES,
     AnswerLoss,
     LoadedModel,

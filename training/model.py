@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.config import ModelConfig, PartName, TuneConfig
-from training.templates import CHATML_TEMPLATE, IDEFICS3_TEMPLATE, LLAVA_TEMPLATE, resolve_template
+from facemllm.training.config import ModelConfig, PartName, TuneConfig
+from facemllm.training.templates import CHATML_TEMPLATE, IDEFICS3_TEMPLATE, LLAVA_TEMPLATE, resolve_template
 
 log = logging.getLogger(__name__)
 
