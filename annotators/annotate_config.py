@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+from facemllm.schemas import StrictModel
 
 
-class ManagedServerConfig(BaseModel):
+class ManagedServerConfig(StrictModel):
     """A vLLM OpenAI-compatible server the stage starts per worker and stops at teardown."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
     model: str = Field(description="model folder or hub name the server loads (vLLM's --model)")
     python: str = Field(
@@ -40,14 +42,14 @@ class ManagedServerConfig(BaseModel):
     log_file: str | None = Field(None, description="server stdout/stderr; default: a temporary file")
 
 
-class ClientSettings(BaseModel):
+class ClientSettings(StrictModel):
     """How a client talks to an OpenAI-compatible server: key, concurrency, timeouts, retries.
 
     Shared by the annotate stage and the evaluator, which send their requests through the same
     ``ChatClient``.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
     api_key_env: str = Field(
         "OPENAI_API_KEY",

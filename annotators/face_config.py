@@ -6,16 +6,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from facemllm.schemas import StrictModel
 
 # Detector input sides must be multiples of SCRFD's largest feature stride.
 DETECTOR_STRIDE = 32
 
 
-class FaceConfig(BaseModel):
+class FaceConfig(StrictModel):
     """How faces are detected, filtered and cropped. Defaults suit a 336-448 px vision tower."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
     model: Path | None = Field(None, description="ONNX SCRFD model; default: the scrfd==0.3.0 package model")
     model_pack: Path | None = Field(

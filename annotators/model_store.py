@@ -11,15 +11,15 @@ model path.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
+
+from facemllm.pipeline.core.files import default_cache_dir, sha256_file
 
 SCRFD_REQUIREMENT = "scrfd==0.3.0"
 SCRFD_DIR_NAME = "scrfd-0.3.0"
@@ -30,21 +30,8 @@ SCRFD_MODEL_SHA256 = "9c162a817c7dd32d35d1f1c6ae6445032d6e73c6c5fe61d8b5b663ba8b
 COMPLETE_MARKER = ".facemllm-complete"
 
 
-def default_cache_dir() -> Path:
-    """``$FACEMLLM_CACHE``, else ``~/.cache/facemllm``: one place for every downloaded artifact."""
-    return Path(os.environ.get("FACEMLLM_CACHE") or Path.home() / ".cache" / "facemllm").expanduser()
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _verify(path: Path, expected: str) -> None:
-    actual = sha256_of(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise RuntimeError(f"sha256 mismatch for {path}: expected {expected}, got {actual}")
 

@@ -104,9 +104,9 @@ def build_face_shards(folder: Path, faces: int, warmup: int) -> tuple[Path, Path
 
     from facemllm.annotators.faces import FaceConfig
     from facemllm.annotators.model_store import ensure_scrfd_package
+    from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples
     from facemllm.pipeline.demo_sample import package_photos
     from facemllm.pipeline.faces import FaceShardProcessor
-    from facemllm.pipeline.sink import ShardWriter, iter_tar_samples
 
     photos = package_photos(ensure_scrfd_package())
     images = folder / "images" / "00000.tar"
@@ -193,7 +193,7 @@ def run_anchor(faces_tar: str, warm_tar: str, **settings) -> dict:
 
     from facemllm.annotators.mllm_client import response_schema
     from facemllm.annotators.prompts import load_prompt
-    from facemllm.pipeline.sink import iter_tar_samples
+    from facemllm.pipeline.core.shards import iter_tar_samples
 
     config = _config(**settings)
     prompt = load_prompt(config.prompt)

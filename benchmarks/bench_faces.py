@@ -3,7 +3,7 @@
     python -m benchmarks.bench_faces [--images 48] [--shards 2] [--threads 1] [--repeats 3]
 
 The input is image shard tars as the download stage writes them (``KEY.jpg`` + ``KEY.json``, via
-``pipeline.sink.ShardWriter``), built from package photos that mostly show faces (a group photo
+``core.shards.ShardWriter``), built from package photos that mostly show faces (a group photo
 with 6 faces, the 1927 Solvay conference with 29, single portraits) and a few without; the photos
 repeat to reach ``--images``. PNGs are re-encoded to JPEG first, as img2dataset does for
 ``encode_format=jpg``.
@@ -77,8 +77,8 @@ def _write_image_shards(photos: dict[str, Path], images: int, shards: int, folde
     import json
     import math
 
+    from facemllm.pipeline.core.shards import ShardWriter
     from facemllm.pipeline.demo_sample import ALT_TEXTS
-    from facemllm.pipeline.sink import ShardWriter
 
     names = [name for name in BENCH_PHOTOS if name in photos]
     if not names:

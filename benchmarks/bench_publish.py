@@ -37,7 +37,8 @@ MIB = 1 << 20
 
 def make_run(out: Path, shards: int, shard_bytes: int) -> int:
     """A finished run of ``shards`` tars of about ``shard_bytes`` each; returns the total bytes."""
-    from facemllm.pipeline.sink import ShardWriter, shard_info, write_json_atomic
+    from facemllm.pipeline.core.files import write_json_atomic
+    from facemllm.pipeline.core.shards import ShardWriter, shard_info
     from facemllm.schemas import RunManifest, ShardManifest
 
     infos = []
@@ -56,8 +57,8 @@ def make_run(out: Path, shards: int, shard_bytes: int) -> int:
 
 def run_ours(out: str, warm_out: str, dest: str, parallel: int, chunk_bytes: int) -> dict:
     """Child process: ``facemllm publish``'s function, warmed up on a one-shard run first."""
+    from facemllm.pipeline.core.storage import StorageOptions
     from facemllm.pipeline.publish import publish
-    from facemllm.pipeline.storage import StorageOptions
 
     options = StorageOptions(parallel=parallel, multipart_chunk_bytes=chunk_bytes, progress=False)
     publish(Path(warm_out), f"{dest}-warm", options)  # client set-up and first connections

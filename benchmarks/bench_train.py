@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_train [--steps 40] [--warmup 5] [--batch-size 8] [--workers 1] [--threads 1]
 
-Input: QA shards (``KEY.jpg`` 32 px + ``KEY.json`` conversations, via ``pipeline.sink.ShardWriter``)
+Input: QA shards (``KEY.jpg`` 32 px + ``KEY.json`` conversations, via ``core.shards.ShardWriter``)
 and the tiny LLaVA of the tests (CLIP tower hidden 64, Llama hidden 128, 2 layers each), stage 2
 (projector and LM train, the tower is frozen). Three sides, each in its own fresh process:
 

@@ -9,9 +9,9 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from facemllm.annotators.annotate_config import ClientSettings
-from facemllm.pipeline.config import StrictModel, load_yaml_config
-from facemllm.pipeline.storage import StorageOptions, is_remote
-from facemllm.schemas import SourceDataset
+from facemllm.pipeline.core.config import load_yaml_config
+from facemllm.pipeline.core.storage import StorageOptions, is_remote
+from facemllm.schemas import SourceDataset, StrictModel
 from facemllm.schemas.evaluation import EVAL_TASKS, EvalTask
 
 DEFAULT_SPLITS: dict[SourceDataset, str] = {

@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import get_args
 
-from facemllm.pipeline.storage import Storage, StorageOptions, iter_tar_stream
+from facemllm.pipeline.core.shards import iter_tar_url
+from facemllm.pipeline.core.storage import Storage, StorageOptions
 from facemllm.schemas import PublishedManifest, QASample, RunManifest, ShardManifest, SourceDataset
 
 
@@ -96,7 +97,7 @@ class EvalData:
         return 0 if stage is None else int(stage.counts.get(f"task_{qa_task}", 0))
 
     def items(self, shard: ShardRef) -> Iterator[QAItem]:
-        for key, members in iter_tar_stream(self.storage.url(shard.rel), self.options):
+        for key, members in iter_tar_url(self.storage.url(shard.rel), self.options):
             if "json" not in members:
                 raise ValueError(f"{shard.rel}: sample {key} has no .json member")
             sample = QASample.model_validate_json(members["json"])

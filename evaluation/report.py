@@ -15,7 +15,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from facemllm.pipeline.sink import write_bytes_atomic
+from facemllm.pipeline.core.files import write_bytes_atomic
 from facemllm.schemas.evaluation import (
     EVAL_TASKS,
     ConfusionMatrix,

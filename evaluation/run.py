@@ -33,8 +33,8 @@ from facemllm.evaluation.metrics import score_task
 from facemllm.evaluation.parsing import PARSER_VERSION
 from facemllm.evaluation.report import fmt, write_comparison, write_model_report
 from facemllm.evaluation.tasks import TASKS, ZERO_SHOT_SPLIT, TaskSpec, judge, label_class
-from facemllm.pipeline.manifest import package_versions
-from facemllm.pipeline.sink import write_bytes_atomic
+from facemllm.pipeline.core.files import write_bytes_atomic
+from facemllm.pipeline.core.manifest import package_versions
 from facemllm.schemas.evaluation import DataInfo, EvalResult, Prediction
 
 # the labels an image's accuracy is broken down by: gender, race, age band (an age counts as its band)

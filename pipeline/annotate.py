@@ -38,13 +38,8 @@ from facemllm.annotators.annotate_config import AnnotateConfig
 from facemllm.annotators.mllm_client import Answer, ChatClient, MLLMAnnotator, Outcome
 from facemllm.annotators.request_cache import RequestCache
 from facemllm.annotators.template_annotator import TemplateAnnotator
-from facemllm.pipeline.sink import (
-    ShardWriter,
-    iter_tar_samples,
-    shard_paths,
-    write_json_atomic,
-    write_parquet_atomic,
-)
+from facemllm.pipeline.core.files import write_json_atomic, write_parquet_atomic
+from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples, shard_paths
 from facemllm.schemas.annotation import AnnotationStatus, FaceAnnotation
 from facemllm.schemas.records import FaceRecord
 
@@ -328,7 +323,7 @@ class AnnotateDoFn(beam.DoFn):
         self.server = None
 
     def setup(self):
-        from facemllm.pipeline.storage import RunStore
+        from facemllm.pipeline.core.storage import RunStore
 
         self.store = RunStore(self.out) if self.out is not None else None
         if self.store is not None:  # this worker's mirror (it may differ from the driver's)
@@ -417,9 +412,9 @@ class FaceAnnotationModelHandler(ModelHandler):
 def run_annotate(faces_dir: Path, annotations_dir: Path, config: AnnotateConfig, runner=None):
     """``facemllm annotate``: this stage alone over completed face shards; returns its ShardManifest."""
     from facemllm.pipeline.config import RunnerConfig
-    from facemllm.pipeline.manifest import shard_stage_manifest
+    from facemllm.pipeline.core.manifest import shard_stage_manifest
+    from facemllm.pipeline.core.shards import write_sizes
     from facemllm.pipeline.runners import make_runner, pipeline_options
-    from facemllm.pipeline.sink import write_sizes
 
     faces_dir, annotations_dir = Path(faces_dir), Path(annotations_dir)
     check_annotate_config(config)

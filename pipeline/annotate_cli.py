@@ -10,16 +10,15 @@ import argparse
 import os
 import shlex
 
-from pydantic import BaseModel, ConfigDict
-
 from facemllm.annotators.annotate_config import AnnotateConfig
-from facemllm.pipeline.config import RunnerConfig, apply_overrides
+from facemllm.pipeline.config import RunnerConfig
+from facemllm.pipeline.core.config import apply_overrides
+from facemllm.schemas import StrictModel
 
 VLLM_PYTHON_ENV = "FACEMLLM_VLLM_PYTHON"
 
 
-class AnnotateJob(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class AnnotateJob(StrictModel):
     annotate: AnnotateConfig
     # one in-process worker by default: a worker's requests are already concurrent, and in managed
     # mode each worker process starts its own server

@@ -29,7 +29,7 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from facemllm.pipeline.config import load_config
-    from facemllm.pipeline.manifest import print_summary
+    from facemllm.pipeline.core.manifest import print_summary
     from facemllm.pipeline.run import run
 
     config = load_config(args.config, args.overrides)
@@ -46,7 +46,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_annotate(args: argparse.Namespace) -> int:
     from facemllm.pipeline.annotate import run_annotate
     from facemllm.pipeline.annotate_cli import annotate_job_from_args
-    from facemllm.pipeline.manifest import print_summary
+    from facemllm.pipeline.core.manifest import print_summary
     from facemllm.schemas import RunManifest
 
     annotate, runner = annotate_job_from_args(args)
@@ -57,7 +57,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 def cmd_detect(args: argparse.Namespace) -> int:
     from facemllm.annotators.faces import FaceConfig, detect_paths
-    from facemllm.pipeline.config import apply_overrides
+    from facemllm.pipeline.core.config import apply_overrides
 
     config = FaceConfig.model_validate(apply_overrides({}, args.overrides))
     for line in detect_paths([Path(p) for p in args.images], config):
@@ -66,7 +66,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_reformat(args: argparse.Namespace) -> int:
-    from facemllm.pipeline.manifest import print_summary
+    from facemllm.pipeline.core.manifest import print_summary
     from facemllm.pipeline.reformat import load_reformat_config, run_reformat
 
     config = load_reformat_config(
@@ -92,7 +92,7 @@ def _add_storage_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _storage_options(args: argparse.Namespace):
-    from facemllm.pipeline.storage import StorageOptions
+    from facemllm.pipeline.core.storage import StorageOptions
 
     return StorageOptions(
         endpoint_url=args.endpoint_url, parallel=args.parallel, progress=not args.no_progress
@@ -162,7 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_laion_face_qa(args: argparse.Namespace) -> int:
-    from facemllm.pipeline.config import apply_overrides
+    from facemllm.pipeline.core.config import apply_overrides
     from facemllm.reformatters.laion_face import LaionFaceQAConfig, reformat_annotations
 
     config = LaionFaceQAConfig.model_validate(apply_overrides({}, args.overrides))

@@ -1,32 +1,26 @@
-"""Run configuration: pydantic models loaded from YAML and overridable on the command line.
+"""The run configuration of ``facemllm run``: one section per stage, plus the runner.
 
-A bad configuration stops the run before any work, with pydantic's message naming the field.
-Overrides are ``dotted.path=value`` with the value parsed as YAML (``download.timeout=5``,
-``select.nsfw=[UNLIKELY]``).
+Loaded from YAML and ``--set`` overrides by ``core.config``; a bad configuration stops the run
+before any work, with pydantic's message naming the field.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from facemllm.annotators.annotate_config import ANNOTATE_RUNTIME_FIELDS, AnnotateConfig
 from facemllm.annotators.face_config import FaceConfig
+from facemllm.pipeline.core.config import hash_config, load_yaml_config
 from facemllm.pipeline.netguard import DestinationPolicy
+from facemllm.schemas import StrictModel
 
 ConfigModel = TypeVar("ConfigModel", bound=BaseModel)
 
 Stage = Literal["select", "download", "faces", "annotate"]
 ALL_STAGES: tuple[Stage, ...] = ("select", "download", "faces", "annotate")
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class SelectConfig(StrictModel):
@@ -100,10 +94,10 @@ class RunConfig(StrictModel):
     annotate: AnnotateConfig = AnnotateConfig()
     runner: RunnerConfig = RunnerConfig()
 
-    def output_hash(self) -> str:
+    def config_hash(self) -> str:
         """Hash of what decides the output bytes: not where it goes, nor how parallel it runs."""
-        payload = self.model_dump(
-            mode="json",
+        return hash_config(
+            self,
             exclude={
                 "out": True,
                 "runner": True,
@@ -112,42 +106,6 @@ class RunConfig(StrictModel):
                 "annotate": ANNOTATE_RUNTIME_FIELDS,
             },
         )
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set ``a.b.c=value`` entries in a nested dict; values are parsed as YAML scalars or lists."""
-    for override in overrides:
-        path, sep, raw = override.partition("=")
-        if not sep or not path:
-            raise ValueError(f"override {override!r} is not of the form dotted.key=value")
-        node = data
-        *parents, leaf = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {override!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(raw)
-    return data
-
-
-def load_yaml_config(
-    model: type[ConfigModel],
-    path: str | Path | None,
-    overrides: list[str] = (),
-    given: dict[str, Any] | None = None,
-    base: dict[str, Any] | None = None,
-) -> ConfigModel:
-    """``base`` values, then the YAML file (optional), then ``given`` values (a command's own
-    arguments; None means not given), then ``--set`` overrides. A ValidationError names the field."""
-    data: dict[str, Any] = dict(base or {})
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: the config must be a mapping")
-        data.update(loaded)
-    data.update({key: value for key, value in (given or {}).items() if value is not None})
-    return model.model_validate(apply_overrides(data, list(overrides)))
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from facemllm.annotators.model_store import ensure_scrfd_package
 from facemllm.pipeline.config import RunConfig, load_config
+from facemllm.pipeline.core.manifest import print_summary
 from facemllm.pipeline.demo_sample import DemoSample, build_demo_sample, package_photos
-from facemllm.pipeline.manifest import print_summary
 from facemllm.pipeline.run import run
 from facemllm.pipeline.sample_server import SampleServer
 

@@ -29,14 +29,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from facemllm.pipeline.config import DownloadConfig
+from facemllm.pipeline.core.files import write_bytes_atomic, write_parquet_atomic
+from facemllm.pipeline.core.shards import SHARD_ID_DIGITS, repack_sorted, shard_paths
 from facemllm.pipeline.netguard import install_guarded_opener
-from facemllm.pipeline.sink import (
-    SHARD_ID_DIGITS,
-    repack_sorted,
-    shard_paths,
-    write_bytes_atomic,
-    write_parquet_atomic,
-)
 
 # url-shard column -> the name img2dataset receives and keeps in each sample's json
 # (LAION's own names, as the reference LAION-Face download keeps them).

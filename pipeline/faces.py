@@ -16,13 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from facemllm.annotators.faces import FaceConfig, FaceCropper
-from facemllm.pipeline.sink import (
-    ShardWriter,
-    iter_tar_samples,
-    shard_paths,
-    write_json_atomic,
-    write_parquet_atomic,
-)
+from facemllm.pipeline.core.files import write_json_atomic, write_parquet_atomic
+from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples, shard_paths
 
 IMAGE_META_FIELDS = {
     "url": "url",

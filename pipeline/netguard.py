@@ -28,21 +28,23 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
+
+from facemllm.schemas import StrictModel
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-class DestinationPolicy(BaseModel):
+class DestinationPolicy(StrictModel):
     """Which non-public address ranges a download may reach; everything is refused by default.
 
     Multicast, reserved and unspecified (0.0.0.0, ::) addresses are always refused: no legitimate
     image host lives there, and 0.0.0.0 reaches the local machine on Linux.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
     allow_loopback: bool = False
     allow_private: bool = False

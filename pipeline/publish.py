@@ -28,17 +28,24 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import Field, computed_field
 
-from facemllm.pipeline.sink import (
+from facemllm.pipeline.core.shards import (
     ShardWriter,
     check_member_name,
     iter_tar_samples,
     shard_info,
     split_member_name,
 )
-from facemllm.pipeline.storage import MIB, Storage, StorageOptions
-from facemllm.schemas import PublishedManifest, RemovalSummary, RunManifest, ShardInfo, ShardManifest
+from facemllm.pipeline.core.storage import MIB, Storage, StorageOptions
+from facemllm.schemas import (
+    PublishedManifest,
+    RemovalSummary,
+    RunManifest,
+    ShardInfo,
+    ShardManifest,
+    StrictModel,
+)
 
 CURRENT_MANIFEST = "manifest.json"
 VERSION_FOLDER = re.compile(r"v\d+")
@@ -134,8 +141,7 @@ def wids_index(shards: list[ShardInfo]) -> dict:
 # --- publish -----------------------------------------------------------------------------------
 
 
-class PublishReport(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PublishReport(StrictModel):
     dest: str
     version: int
     shards: int
@@ -212,14 +218,12 @@ def publish(out: Path, dest: str, options: StorageOptions | None = None) -> Publ
 # --- verify ------------------------------------------------------------------------------------
 
 
-class ShardProblem(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ShardProblem(StrictModel):
     url: str
     problem: str
 
 
-class VerifyReport(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class VerifyReport(StrictModel):
     dest: str
     version: int
     shards: int
@@ -345,10 +349,9 @@ def _as_sample_id(value: object) -> int | None:
     return None
 
 
-class ShardRewrite(BaseModel):
+class ShardRewrite(StrictModel):
     """What a removal did to one shard."""
 
-    model_config = ConfigDict(extra="forbid")
     stage: str
     old: ShardInfo
     new: ShardInfo | None = Field(description="None if unchanged or emptied")
@@ -356,8 +359,7 @@ class ShardRewrite(BaseModel):
     matched: list[str]
 
 
-class RemovalReport(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RemovalReport(StrictModel):
     dest: str
     version: int | None = Field(description="the new version, or None when nothing matched")
     requested: int

@@ -29,21 +29,22 @@ from apache_beam.metrics import Metrics
 from pydantic import Field
 
 from facemllm.annotators.face_config import FaceConfig
-from facemllm.pipeline.config import RunnerConfig, StrictModel, load_yaml_config
-from facemllm.pipeline.manifest import package_versions
+from facemllm.pipeline.config import RunnerConfig
+from facemllm.pipeline.core.config import load_yaml_config
+from facemllm.pipeline.core.files import atomic_path, write_bytes_atomic, write_json_atomic
+from facemllm.pipeline.core.manifest import package_versions
+from facemllm.pipeline.core.shards import ShardWriter, shard_info, shard_paths, write_sizes
 from facemllm.pipeline.runners import make_runner, pipeline_options
-from facemllm.pipeline.sink import (
-    ShardWriter,
-    atomic_path,
-    shard_info,
-    shard_paths,
-    write_bytes_atomic,
-    write_json_atomic,
-    write_sizes,
-)
 from facemllm.reformatters import DatasetReformatter, QAConfig, make_reformatter
 from facemllm.reformatters.base import ImageLoad, ImageLoader, RowRejected
-from facemllm.schemas import QASample, RunManifest, ShardInfo, ShardManifest, SourceDataset
+from facemllm.schemas import (
+    QASample,
+    RunManifest,
+    ShardInfo,
+    ShardManifest,
+    SourceDataset,
+    StrictModel,
+)
 
 METRICS_NAMESPACE = "facemllm"
 CHUNKS_DIR = "_chunks"
@@ -67,7 +68,7 @@ class ReformatConfig(StrictModel):
     qa: QAConfig = QAConfig()
     runner: RunnerConfig = RunnerConfig()
 
-    def output_hash(self) -> str:
+    def config_hash(self) -> str:
         """Hash of what decides the output bytes: not where inputs and outputs are, nor the runner."""
         exclude: dict[str, Any] = {"root": True, "out": True, "runner": True, "faces": {"intra_op_threads"}}
         if not self.crop_faces:
@@ -121,7 +122,7 @@ class QAChunkWriter:
     @cached_property
     def fingerprint(self) -> str:
         """Configuration and input listing together: a finished chunk is reused only if both match."""
-        return f"{self.config.output_hash()}-{self.reformatter.listing_digest()}"
+        return f"{self.config.config_hash()}-{self.reformatter.listing_digest()}"
 
     @cached_property
     def load_image(self) -> ImageLoad:
@@ -290,7 +291,7 @@ def finalize(writer: QAChunkWriter) -> RunManifest:
             records = [record for part in parts for record in part.get(split, [])]
             write_json_atomic(dataset_dir / LLAVA_DIR / f"{split}.json", records)
     manifest = RunManifest(
-        config_hash=config.output_hash(), package_versions=package_versions(), stages=stages
+        config_hash=config.config_hash(), package_versions=package_versions(), stages=stages
     )
     write_json_atomic(dataset_dir / "manifest.json", manifest.model_dump(mode="json"))  # commit point, last
     return manifest

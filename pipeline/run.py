@@ -21,10 +21,10 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from facemllm.pipeline.config import RunConfig
-from facemllm.pipeline.manifest import SHARD_STAGES, write_run_manifest
+from facemllm.pipeline.core.manifest import SHARD_STAGES, write_run_manifest
+from facemllm.pipeline.core.shards import shard_paths
+from facemllm.pipeline.core.storage import RunStore, local_folder
 from facemllm.pipeline.runners import make_runner, pipeline_options
-from facemllm.pipeline.sink import shard_paths
-from facemllm.pipeline.storage import RunStore, local_folder
 
 METRICS_NAMESPACE = "facemllm"
 
@@ -214,7 +214,7 @@ def run(config: RunConfig):
         build(pipeline, config)
     clean_stale_temporaries(out)
     sync_completed(store)  # the manifest is built from every worker's shards
-    manifest = write_run_manifest(out, config)
+    manifest = write_run_manifest(out, config.config_hash())
     sizes = sorted(out.glob("*/sizes.json"))
     store.push(*sizes, out / "sizes.json", out / "manifest.json")  # the manifest last: the commit point
     return manifest

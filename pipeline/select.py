@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from facemllm.pipeline.config import SelectConfig
-from facemllm.pipeline.sink import write_json_atomic, write_parquet_atomic
+from facemllm.pipeline.core.files import write_json_atomic, write_parquet_atomic
 
 # LAION-400M metadata column -> LaionRow field
 LAION_COLUMNS = {

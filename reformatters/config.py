@@ -5,14 +5,10 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from facemllm.reformatters.celeba_attributes import CELEBA_ATTRIBUTES
-from facemllm.schemas import AnswerStyle
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from facemllm.schemas import AnswerStyle, StrictModel
 
 
 class CelebAOptions(StrictModel):

@@ -32,11 +32,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from facemllm.pipeline.sink import ShardWriter, iter_tar_samples, write_json_atomic
+from facemllm.pipeline.core.config import hash_config
+from facemllm.pipeline.core.files import write_json_atomic
+from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples
 from facemllm.reformatters.qa import LETTERS, lettered
 from facemllm.reformatters.templates import NO, SINGLE_CHOICE_INSTRUCTIONS, YES
+from facemllm.schemas import StrictModel
 from facemllm.schemas.annotation import FaceAnnotation, FaceAttributes
 from facemllm.schemas.qa import AnswerStyle, QALabel, Turn
 from facemllm.schemas.records import Record
@@ -49,8 +52,7 @@ Split = Literal["train", "val"]
 STYLES: tuple[AnswerStyle, ...] = ("open", "multiple_choice", "yes_no")
 
 
-class LaionFaceQAConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class LaionFaceQAConfig(StrictModel):
     seed: int = 0
     vqa_per_face: int = Field(4, ge=0, le=16, description="attribute questions per face (distinct tasks)")
     answer_styles: list[AnswerStyle] = Field(list(STYLES), min_length=1)
@@ -58,8 +60,8 @@ class LaionFaceQAConfig(BaseModel):
     val_fraction: float = Field(0.01, ge=0, le=0.5, description="faces held out (by a hash of the key)")
     min_caption_chars: int = Field(8, ge=1, description="shorter captions are skipped (counted)")
 
-    def digest(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+    def config_hash(self) -> str:
+        return hash_config(self)
 
 
 class LaionFaceQASample(Record):
@@ -431,7 +433,12 @@ def reformat_shard(tar: Path, out: Path, config: LaionFaceQAConfig) -> dict:
         raise
     for writer in writers.values():
         writer.close()
-    return {"shard": tar.name, "config": config.digest(), "counts": dict(counts), "written": dict(written)}
+    return {
+        "shard": tar.name,
+        "config": config.config_hash(),
+        "counts": dict(counts),
+        "written": dict(written),
+    }
 
 
 def reformat_annotations(
@@ -449,7 +456,7 @@ def reformat_annotations(
     for tar in tars:
         marker = out / MARKERS / f"{tar.stem}_stats.json"
         stats = json.loads(marker.read_text()) if marker.is_file() else None
-        if stats is None or stats.get("config") != config.digest():
+        if stats is None or stats.get("config") != config.config_hash():
             stats = reformat_shard(tar, out, config)
             write_json_atomic(marker, stats)
         else:

@@ -26,6 +26,7 @@ from facemllm.schemas.records import (
     RunManifest,
     ShardInfo,
     ShardManifest,
+    StrictModel,
 )
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "ShardInfo",
     "ShardManifest",
     "SourceDataset",
+    "StrictModel",
     "Turn",
     "export_json_schemas",
 ]

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from facemllm.schemas.records import Record
+from facemllm.schemas.records import Record, StrictModel
 
 
-class _Group(BaseModel):
+class _Group(StrictModel):
     """Attribute groups: closed objects whose every field is required (so the JSON Schema lists
     each one in ``required`` and a constrained decoder must emit it)."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 def _flag(description: str) -> Any:
@@ -206,26 +204,23 @@ CELEBA_FIELDS: dict[str, tuple[str, str]] = {
 }
 
 
-class FaceResponse(BaseModel):
+class FaceResponse(StrictModel):
     """What the MLLM is asked to return for one face: the caption and the attributes, as one JSON
     object (one request per face, the image encoded once)."""
 
-    model_config = ConfigDict(extra="forbid")
     caption: str = Field(min_length=1, description="fine-grained description of the face")
     attributes: FaceAttributes
 
 
-class TokenUsage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TokenUsage(StrictModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
 
 
-class Provenance(BaseModel):
+class Provenance(StrictModel):
     """Where an annotation came from: enough to reproduce or discard it, never a credential."""
 
-    model_config = ConfigDict(extra="forbid")
     annotator: Literal["mllm", "template"] = Field(
         description="'mllm': a served model answered; 'template': composed offline, no model looked at the face"
     )

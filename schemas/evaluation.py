@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from facemllm.schemas.qa import AnswerStyle, JoinedList, QATask, SourceDataset
-from facemllm.schemas.records import Record
+from facemllm.schemas.records import Record, StrictModel
 
 EvalTask = Literal["celeba_attributes", "expression", "age", "gender", "race", "zeroshot_attributes"]
 EVAL_TASKS: tuple[EvalTask, ...] = (
@@ -65,31 +65,27 @@ class Prediction(Record):
     abs_error: float | None = Field(None, description="age in years: |predicted - true|")
 
 
-class Estimate(BaseModel):
+class Estimate(StrictModel):
     """A metric's value with a percentile bootstrap interval (images resampled with replacement)."""
 
-    model_config = ConfigDict(extra="forbid")
     value: float | None = Field(description="None when nothing was scored")
     low: float | None = None
     high: float | None = None
     n: int = Field(description="samples (or attribute decisions) the value is computed from")
 
 
-class ConfusionMatrix(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ConfusionMatrix(StrictModel):
     title: str
     labels: list[str] = Field(description="true classes (rows); columns are these plus 'unparsed'")
     counts: list[list[int]]
 
 
-class WorstExample(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class WorstExample(StrictModel):
     key: str
     why: str = Field(description="failed request, unparsed, wrong, or the age error")
 
 
-class TaskResult(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TaskResult(StrictModel):
     task: EvalTask
     title: str
     headline: str = Field(description="the name of the task's main metric in ``metrics``")
@@ -108,8 +104,7 @@ class TaskResult(BaseModel):
     notes: list[str] = Field(default_factory=list)
 
 
-class ModelInfo(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ModelInfo(StrictModel):
     label: str
     kind: Literal["checkpoint", "endpoint"]
     target: str = Field(description="checkpoint folder, or the endpoint as scheme://host:port")
@@ -119,8 +114,7 @@ class ModelInfo(BaseModel):
     )
 
 
-class DataInfo(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DataInfo(StrictModel):
     root: str
     splits: list[str] = Field(description="the dataset/split pairs scored, e.g. celeba/test, celeba/zeroshot")
     manifests: dict[str, str] = Field(description="dataset -> sha256 of its qa manifest.json")

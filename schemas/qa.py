@@ -18,7 +18,7 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from facemllm.schemas.records import Record
+from facemllm.schemas.records import Record, StrictModel
 
 SourceDataset = Literal["celeba", "rafdb", "utkface", "fairface"]
 
@@ -49,10 +49,10 @@ ReformatOutcome = Literal[
 ]
 
 
-class Turn(BaseModel):
+class Turn(StrictModel):
     """One LLaVA conversation turn, serialised with LLaVA's own key ``from``."""
 
-    model_config = ConfigDict(extra="forbid", serialize_by_alias=True, validate_by_name=True)
+    model_config = ConfigDict(serialize_by_alias=True, validate_by_name=True)
     speaker: Literal["human", "gpt"] = Field(alias="from")
     value: str
 
@@ -84,7 +84,7 @@ which Hugging Face's webdataset loader needs (it infers one schema from the firs
 an empty list or a null there cannot hold the strings of a later sample)."""
 
 
-class QALabel(BaseModel):
+class QALabel(StrictModel):
     """What an evaluator scores against. Every field has one type in every sample (see JoinedList).
 
     ``truth`` holds the label values that are true among those the question concerns: the one
@@ -94,7 +94,6 @@ class QALabel(BaseModel):
     letters of the ``options`` that are in ``truth``.
     """
 
-    model_config = ConfigDict(extra="forbid")
     answer: str = Field(description="the correct reply, exactly as in the gpt turn")
     truth: JoinedList = Field(description="true label values (dataset vocabulary); '|'-joined in JSON")
     asked: str = Field("", description="the attribute or category a yes/no question proposes, else ''")

@@ -17,10 +17,15 @@ BBox = tuple[float, float, float, float]
 Point = tuple[float, float]
 
 
-class Record(BaseModel):
-    """Base of every record: unknown fields are an error, and the version travels with the data."""
+class StrictModel(BaseModel):
+    """Base of every record and config: an unknown field is an error, never silently dropped."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class Record(StrictModel):
+    """Base of every record: the schema version travels with the data."""
+
     schema_version: int = SCHEMA_VERSION
 
 
@@ -110,10 +115,9 @@ class FaceStatus(Record):
     dropped_over_max: int = Field(0, description="faces beyond the maximum faces per image")
 
 
-class ShardInfo(BaseModel):
+class ShardInfo(StrictModel):
     """One tar shard as a reader needs to find and verify it."""
 
-    model_config = ConfigDict(extra="forbid")
     url: str = Field(description="path relative to the run folder (or absolute URL)")
     sha256: str
     nsamples: int

@@ -104,7 +104,7 @@ def write_shards(
     import numpy as np
     from PIL import Image
 
-    from facemllm.pipeline.sink import ShardWriter
+    from facemllm.pipeline.core.shards import ShardWriter
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)

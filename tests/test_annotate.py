@@ -26,7 +26,8 @@ from facemllm.annotators.request_cache import RequestCache, request_key
 from facemllm.annotators.template_annotator import TemplateAnnotator
 from facemllm.pipeline.annotate import ANNOTATION_STATUS_SCHEMA, AnnotationShardProcessor
 from facemllm.pipeline.cli import build_parser, main
-from facemllm.pipeline.sink import ShardWriter, iter_tar_samples, sha256_file, shard_paths
+from facemllm.pipeline.core.files import sha256_file
+from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples, shard_paths
 from facemllm.schemas.annotation import CELEBA_FIELDS, AnnotationStatus, FaceAnnotation, FaceAttributes
 from facemllm.schemas.records import CropGeometry, FaceDetection, FaceRecord
 

@@ -24,8 +24,8 @@ import pytest
 
 from facemllm.annotators.faces import FaceConfig
 from facemllm.pipeline.annotate import AnnotationShardProcessor
+from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples, shard_paths
 from facemllm.pipeline.faces import FaceShardProcessor
-from facemllm.pipeline.sink import ShardWriter, iter_tar_samples, shard_paths
 from facemllm.schemas.annotation import AnnotationStatus, FaceAnnotation, FaceAttributes
 from tests.conftest import subprocess_env
 from tests.faultproxy_http import FaultProxy, image_hash

@@ -95,16 +95,16 @@ def test_overrides_parse_yaml_values(tmp_path):
         load_config(None, ["no-equals-sign"])
 
 
-def test_output_hash_ignores_destination_and_parallelism():
+def test_config_hash_ignores_destination_and_parallelism():
     base = ["out=/a", "select.metadata=[m]", "select.ids=i"]
-    reference = load_config(None, base).output_hash()
+    reference = load_config(None, base).config_hash()
     assert (
         load_config(
             None, [*base, "out=/b", "runner.direct_num_workers=8", "download.thread_count=3"]
-        ).output_hash()
+        ).config_hash()
         == reference
     )
-    assert load_config(None, [*base, "faces.min_score=0.9"]).output_hash() != reference
+    assert load_config(None, [*base, "faces.min_score=0.9"]).config_hash() != reference
 
 
 def test_portable_runner_needs_an_endpoint():

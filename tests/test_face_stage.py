@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from facemllm.annotators.faces import FaceConfig
+from facemllm.pipeline.core.shards import ShardWriter, UnsafeTarError, iter_tar_samples, shard_paths
 from facemllm.pipeline.faces import FACE_STATUS_SCHEMA, FaceShardProcessor
-from facemllm.pipeline.sink import ShardWriter, UnsafeTarError, iter_tar_samples, shard_paths
 from facemllm.schemas import FaceRecord, FaceStatus
 from tests.photos import insightface_masks, insightface_t1
 

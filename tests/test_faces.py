@@ -23,8 +23,8 @@ from facemllm.annotators.model_store import (
     _safe_extract,
     default_detector_path,
     ensure_scrfd_package,
-    sha256_of,
 )
+from facemllm.pipeline.core.files import sha256_file
 from facemllm.schemas import FaceRecord
 from tests.photos import insightface_masks, insightface_t1, scrfd_photo, scrfd_truth_faces, skimage_photo
 
@@ -68,7 +68,7 @@ def test_model_store_is_pinned_and_idempotent():
     assert ensure_scrfd_package() == folder
     assert (folder / COMPLETE_MARKER).is_file()
     assert default_detector_path() == folder / "models" / "scrfd.onnx"
-    assert sha256_of(default_detector_path()) == SCRFD_MODEL_SHA256
+    assert sha256_file(default_detector_path()) == SCRFD_MODEL_SHA256
 
 
 @pytest.mark.parametrize("bad_name", ["/etc/passwd", "scrfd-0.3.0/../../escape", "elsewhere/file"])

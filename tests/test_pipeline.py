@@ -20,8 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from facemllm.pipeline.core.files import sha256_file
+from facemllm.pipeline.core.shards import iter_tar_samples
 from facemllm.pipeline.demo import demo_config, expected_counts, observed_counts
-from facemllm.pipeline.sink import iter_tar_samples, sha256_file
 from facemllm.schemas import DownloadStatus, FaceRecord, FaceStatus, RunManifest
 from tests.conftest import subprocess_env
 

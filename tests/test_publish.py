@@ -23,6 +23,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from facemllm.pipeline.core.files import write_json_atomic
+from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples, shard_info
+from facemllm.pipeline.core.storage import MIB, Storage, StorageOptions, enable_webdataset_urls
 from facemllm.pipeline.publish import (
     CURRENT_MANIFEST,
     RemovalRequest,
@@ -35,8 +38,6 @@ from facemllm.pipeline.publish import (
     version_sizes_name,
     wids_index_name,
 )
-from facemllm.pipeline.sink import ShardWriter, iter_tar_samples, shard_info, write_json_atomic
-from facemllm.pipeline.storage import MIB, Storage, StorageOptions, enable_webdataset_urls
 from facemllm.schemas import PublishedManifest, RunManifest, ShardManifest
 from tests.conftest import subprocess_env
 from tests.faultproxy import FaultProxy

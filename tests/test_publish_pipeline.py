@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from facemllm.pipeline.core.shards import iter_tar_samples
+from facemllm.pipeline.core.storage import STAGING_ENV, Storage, StorageOptions, local_folder
 from facemllm.pipeline.demo import demo_config, expected_counts, observed_counts
 from facemllm.pipeline.publish import RemovalRequest, remove, verify
-from facemllm.pipeline.sink import iter_tar_samples
-from facemllm.pipeline.storage import STAGING_ENV, Storage, StorageOptions, local_folder
 from facemllm.schemas import PublishedManifest, RunManifest
 from tests.conftest import subprocess_env
 

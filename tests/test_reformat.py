@@ -20,8 +20,9 @@ import pytest
 from PIL import Image
 
 from facemllm.pipeline.cli import REPO_CONFIGS, build_parser, main
+from facemllm.pipeline.core.files import sha256_file
+from facemllm.pipeline.core.shards import iter_tar_samples
 from facemllm.pipeline.reformat import REFORMAT_STATUS_SCHEMA, load_reformat_config, run_reformat
-from facemllm.pipeline.sink import iter_tar_samples, sha256_file
 from facemllm.reformatters.celeba_attributes import CELEBA_ATTRIBUTES
 from facemllm.reformatters.config import CelebAOptions
 from facemllm.reformatters.demographics import age_band

@@ -5,14 +5,13 @@ import tarfile
 
 import pytest
 
-from facemllm.pipeline.sink import (
+from facemllm.pipeline.core.files import atomic_path, sha256_file
+from facemllm.pipeline.core.shards import (
     ShardFormatError,
     ShardWriter,
     UnsafeTarError,
-    atomic_path,
     iter_tar_samples,
     repack_sorted,
-    sha256_file,
 )
 
 

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from facemllm.pipeline.cli import main
-from facemllm.pipeline.sink import ShardWriter
-from facemllm.pipeline.storage import StorageOptions
+from facemllm.pipeline.core.shards import ShardWriter
+from facemllm.pipeline.core.storage import StorageOptions
 from facemllm.training.config import DataConfig, TrainRunConfig
 from facemllm.training.data import (
     Collator,

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from facemllm.pipeline.cli import main
-from facemllm.pipeline.sink import ShardWriter, iter_tar_samples
+from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples
 from facemllm.reformatters.laion_face import (
     BINARY,
     CATEGORICAL,

@@ -299,7 +299,7 @@ def write_qa_shards(
 
     import numpy as np
 
-    from facemllm.pipeline.sink import ShardWriter
+    from facemllm.pipeline.core.shards import ShardWriter
 
     rng = np.random.default_rng(seed)
     folder = Path(folder)

@@ -7,16 +7,15 @@ any model or shard is touched, with pydantic's message naming the field.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from facemllm.pipeline.config import apply_overrides
-from facemllm.pipeline.storage import StorageOptions
+from facemllm.pipeline.core.config import apply_overrides, hash_config
+from facemllm.pipeline.core.storage import StorageOptions
+from facemllm.schemas import StrictModel
 
 PartName = Literal["projector", "language_model", "vision_tower"]
 STAGE_TRAINABLE: dict[int, list[PartName]] = {
@@ -24,10 +23,6 @@ STAGE_TRAINABLE: dict[int, list[PartName]] = {
     2: ["projector", "language_model"],
     3: ["projector", "language_model"],
 }
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class ModelConfig(StrictModel):
@@ -237,16 +232,15 @@ class TrainRunConfig(StrictModel):
     def trainable_parts(self) -> list[PartName]:
         return list(self.tune.trainable or STAGE_TRAINABLE[self.stage])
 
-    def digest(self) -> str:
+    def config_hash(self) -> str:
         """What decides the training trajectory (not where it is written, nor how it is logged)."""
-        payload = self.model_dump(
-            mode="json",
+        return hash_config(
+            self,
             exclude={
                 "output_dir": True,
                 "loop": {"log_every", "save_every", "keep_last", "resume", "stop_at_step", "tensorboard"},
             },
         )
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainRunConfig:

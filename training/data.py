@@ -47,8 +47,8 @@ from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from facemllm.pipeline.sink import ShardFormatError, UnsafeTarError
-from facemllm.pipeline.storage import StorageOptions, filesystem_options, iter_tar_stream, protocol_of
+from facemllm.pipeline.core.shards import ShardFormatError, UnsafeTarError, iter_tar_url
+from facemllm.pipeline.core.storage import StorageOptions, filesystem_options, protocol_of
 from facemllm.training.config import DataConfig
 from facemllm.training.model import Family
 from facemllm.training.templates import conversation_to_messages
@@ -176,7 +176,7 @@ class SourceStream:
             shard = self.draw(d)
             taken = 0
             try:
-                for k, (key, members) in enumerate(iter_tar_stream(shard.url, self.storage)):
+                for k, (key, members) in enumerate(iter_tar_url(shard.url, self.storage)):
                     if self.split_samples and k % self.nslots != self.slot:
                         continue
                     taken += 1

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from facemllm.pipeline.sink import write_json_atomic
+from facemllm.pipeline.core.files import write_json_atomic
 from facemllm.training.config import TrainRunConfig
 from facemllm.training.data import DataState, ShardBatches, make_loader, resolve_sources, total_samples
 from facemllm.training.model import (
@@ -419,7 +419,7 @@ class Trainer:
             meta = json.loads((final / "facemllm_training.json").read_text())
         except (FileNotFoundError, ValueError):
             return None
-        same = meta.get("config_digest") == self.config.digest() and meta.get("steps") == max_steps
+        same = meta.get("config_digest") == self.config.config_hash() and meta.get("steps") == max_steps
         return final if same else None
 
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -508,7 +508,7 @@ class Trainer:
                     "step": step,
                     "world_size": env.world_size,
                     "num_workers": self.config.data.num_workers,
-                    "config_digest": self.config.digest(),
+                    "config_digest": self.config.config_hash(),
                     "config": self.config.model_dump(mode="json"),
                 },
             )
@@ -529,7 +529,7 @@ class Trainer:
                 f"{path} was written by {state['world_size']} process(es); this run has {env.world_size}: "
                 "resume with the same number of processes"
             )
-        if state["config_digest"] != self.config.digest():
+        if state["config_digest"] != self.config.config_hash():
             log.warning("resuming %s with a changed configuration: the run will not replay exactly", path)
         load_trainable_state(loaded, load_file(str(path / "trainable.safetensors")))
         saved = torch.load(path / "optimizer.pt", map_location=env.device, weights_only=True)
@@ -562,7 +562,7 @@ class Trainer:
                 "trainable": config.trainable_parts,
                 "lora": config.tune.lora.model_dump() if config.tune.lora.enabled else None,
                 "steps": summary["step"],
-                "config_digest": config.digest(),
+                "config_digest": config.config_hash(),
                 "last": summary["last"],
                 "sources": [s.model_dump() for s in config.data.sources],
                 "started_from": config.model.pretrained

@@ -1,30 +1,31 @@
-"""The one WebDataset shard writer and reader every stage uses.
+"""The WebDataset shard format: the one writer and the one reader every layer uses.
 
 Writing: a shard is built under a temporary name and renamed into place only when complete, so a
 killed or retried worker never leaves a truncated tar under a final name. Tar headers are fixed
 (mtime 0, root owner, mode 0444) and samples are written in key order, so the same samples always
 give the same bytes and the same sha256 in the manifest.
 
-Reading: tars come from the network and from other tools, so member names are checked (no
-absolute paths, no ``..``, regular files only) before anything is read.
+Reading: tars come from the network and from other tools, so every member is checked before
+anything is read: no absolute path, no ``..``, regular files only (no links, devices or folders),
+and no member name twice. A local shard, bytes, or any fsspec URL (streamed) go through the same
+checks.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import os
+import logging
 import tarfile
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
+from facemllm.pipeline.core.files import commit, sha256_file, temporary_sibling, write_json_atomic
+from facemllm.pipeline.core.storage import StorageOptions, open_url
 from facemllm.schemas import ShardInfo
+
+log = logging.getLogger(__name__)
+MAX_MEMBER_BYTES = 256 << 20  # a streamed shard's member larger than this is skipped, never read
 
 Sample = dict[str, bytes]  # extension -> payload, e.g. {"jpg": ..., "json": ...}
 
@@ -51,43 +52,6 @@ def check_member_name(name: str) -> None:
         raise UnsafeTarError(f"unsafe tar member path {name!r}")
 
 
-def _temporary_sibling(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
-
-
-@contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``final``; rename it into place only if the block succeeds."""
-    tmp = _temporary_sibling(final)
-    try:
-        yield tmp
-        _commit(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_bytes_atomic(final: Path, payload: bytes) -> None:
-    with atomic_path(final) as tmp:
-        tmp.write_bytes(payload)
-
-
-def write_json_atomic(final: Path, obj: object) -> None:
-    write_bytes_atomic(final, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def write_parquet_atomic(final: Path, rows: list[dict], schema: pa.Schema | None = None) -> None:
-    table = pa.Table.from_pylist(rows, schema=schema)
-    with atomic_path(final) as tmp:
-        pq.write_table(table, tmp)
-
-
 class ShardWriter:
     """Streams samples into a temporary tar that is renamed into place on ``close``.
 
@@ -100,7 +64,7 @@ class ShardWriter:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._tmp = _temporary_sibling(self.path)
+        self._tmp = temporary_sibling(self.path)
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - closed by close()/abort()
         self._last_key: str | None = None
         self._extensions: tuple[str, ...] | None = None
@@ -126,7 +90,7 @@ class ShardWriter:
     def close(self) -> int:
         """Commit the shard (even an empty one: it is still a completed shard); returns its size."""
         self._tar.close()
-        _commit(self._tmp, self.path)
+        commit(self._tmp, self.path)
         return self.count
 
     def abort(self) -> None:
@@ -153,22 +117,8 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def shard_info(path: Path, nsamples: int, url: str) -> ShardInfo:
     return ShardInfo(url=url, sha256=sha256_file(path), nsamples=nsamples, bytes=path.stat().st_size)
-
-
-def _open_tar(source: Path | bytes) -> tarfile.TarFile:
-    if isinstance(source, bytes):
-        return tarfile.open(fileobj=io.BytesIO(source), mode="r:")
-    return tarfile.open(source, mode="r:")
 
 
 def _checked(member: tarfile.TarInfo) -> tuple[str, str]:
@@ -180,23 +130,59 @@ def _checked(member: tarfile.TarInfo) -> tuple[str, str]:
 
 
 def group_samples(members: Iterable[tuple[str, str, bytes]]) -> Iterator[tuple[str, Sample]]:
-    """Consecutive ``(key, ext, data)`` members -> ``(key, {ext: data})`` samples, in order."""
+    """Consecutive ``(key, ext, data)`` members -> ``(key, {ext: data})`` samples, in order; a
+    member name seen before (a duplicate, or a key whose members are not contiguous) is refused."""
     current_key: str | None = None
     sample: Sample = {}
+    seen: set[str] = set()
     for key, ext, data in members:
         if key != current_key:
             if current_key is not None:
                 yield current_key, sample
+            if key in seen:
+                raise ShardFormatError(f"sample {key!r} appears twice (its members are not contiguous)")
+            seen.add(key)
             current_key, sample = key, {}
+        if ext in sample:
+            raise ShardFormatError(f"member {key}.{ext} appears twice")
         sample[ext] = data
     if current_key is not None:
         yield current_key, sample
 
 
-def iter_tar_samples(source: Path | bytes) -> Iterator[tuple[str, Sample]]:
-    """Yield ``(key, {ext: bytes})`` in tar order, refusing unsafe or non-file members."""
-    with _open_tar(source) as tar:
-        yield from group_samples((*_checked(member), tar.extractfile(member).read()) for member in tar)
+def _members(
+    tar: tarfile.TarFile, where: str, max_member_bytes: int | None
+) -> Iterator[tuple[str, str, bytes]]:
+    for member in tar:
+        key, ext = _checked(member)
+        if max_member_bytes is not None and member.size > max_member_bytes:
+            log.warning("skipping %s in %s: %d bytes", member.name, where, member.size)
+            continue
+        yield key, ext, tar.extractfile(member).read()
+
+
+def iter_tar_samples(
+    source: Path | bytes | IO[bytes], max_member_bytes: int | None = None
+) -> Iterator[tuple[str, Sample]]:
+    """Yield ``(key, {ext: bytes})`` in tar order from a shard file, its bytes or an open stream,
+    refusing unsafe, non-file and duplicate members; members over ``max_member_bytes`` are skipped."""
+    where = str(source) if isinstance(source, str | Path) else "stream"
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    opened = (
+        {"name": source, "mode": "r:"}
+        if isinstance(source, str | Path)
+        else {"fileobj": source, "mode": "r|*"}
+    )
+    with tarfile.open(**opened) as tar:
+        yield from group_samples(_members(tar, where, max_member_bytes))
+
+
+def iter_tar_url(url: str, options: StorageOptions | None = None) -> Iterator[tuple[str, Sample]]:
+    """The same reader over any local path or fsspec URL, streamed; members over 256 MiB are skipped
+    (training and evaluation read shards published by others)."""
+    with open_url(url, "rb", options) as raw:
+        yield from iter_tar_samples(raw, MAX_MEMBER_BYTES)
 
 
 def repack_sorted(source: Path, final: Path) -> int:
@@ -204,7 +190,7 @@ def repack_sorted(source: Path, final: Path) -> int:
 
     Reads the headers first, then one sample at a time, so memory stays at one sample.
     """
-    with _open_tar(source) as tar:
+    with tarfile.open(source, mode="r:") as tar:
         by_key: dict[str, dict[str, tarfile.TarInfo]] = {}
         for member in tar.getmembers():
             key, ext = _checked(member)
@@ -216,6 +202,7 @@ def repack_sorted(source: Path, final: Path) -> int:
 
 
 SHARD_ID_DIGITS = 5
+STATS_SUFFIX = "_stats.json"
 
 
 def shard_paths(folder: Path, shard_id: int) -> dict[str, Path]:
@@ -225,8 +212,19 @@ def shard_paths(folder: Path, shard_id: int) -> dict[str, Path]:
     return {
         "tar": folder / f"{name}.tar",
         "parquet": folder / f"{name}.parquet",
-        "stats": folder / f"{name}_stats.json",
+        "stats": folder / f"{name}{STATS_SUFFIX}",
     }
+
+
+def completed_shards(folder: Path) -> list[int]:
+    """Shard ids in ``folder`` that have a completion marker, sorted."""
+    return sorted(int(p.name.removesuffix(STATS_SUFFIX)) for p in Path(folder).glob(f"*{STATS_SUFFIX}"))
+
+
+def count_tar_keys(path: Path) -> int:
+    """Samples in a tar, from member headers alone."""
+    with tarfile.open(path, "r:") as tar:
+        return len({split_member_name(member.name)[0] for member in tar})
 
 
 def write_sizes(folder: Path, shards: Iterable[ShardInfo]) -> None:

@@ -9,15 +9,20 @@ the same manifest.
 from __future__ import annotations
 
 import json
-import tarfile
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from facemllm.pipeline.config import RunConfig
-from facemllm.pipeline.sink import shard_info, shard_paths, split_member_name, write_json_atomic, write_sizes
+from facemllm.pipeline.core.files import write_json_atomic
+from facemllm.pipeline.core.shards import (
+    completed_shards,
+    count_tar_keys,
+    shard_info,
+    shard_paths,
+    write_sizes,
+)
 from facemllm.schemas import RunManifest, ShardInfo, ShardManifest
 
 TRACKED_PACKAGES = (
@@ -32,16 +37,6 @@ TRACKED_PACKAGES = (
     "numpy",
 )
 SHARD_STAGES = ("images", "faces", "annotations")
-
-
-def count_tar_keys(path: Path) -> int:
-    """Samples in a tar, from member headers alone."""
-    with tarfile.open(path, "r:") as tar:
-        return len({split_member_name(member.name)[0] for member in tar})
-
-
-def completed_shards(stage_dir: Path) -> list[int]:
-    return sorted(int(p.name.split("_")[0]) for p in stage_dir.glob("*_stats.json"))
 
 
 def shard_stage_manifest(out: Path, stage: str) -> ShardManifest:
@@ -75,15 +70,13 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def write_run_manifest(out: Path, config: RunConfig) -> RunManifest:
+def write_run_manifest(out: Path, config_hash: str) -> RunManifest:
     stages = {"urls": select_manifest(out)}
     for stage in SHARD_STAGES:
         if (out / stage).is_dir():
             stages[stage] = shard_stage_manifest(out, stage)
             write_sizes(out / stage, stages[stage].shards)
-    manifest = RunManifest(
-        config_hash=config.output_hash(), package_versions=package_versions(), stages=stages
-    )
+    manifest = RunManifest(config_hash=config_hash, package_versions=package_versions(), stages=stages)
     write_json_atomic(out / "sizes.json", {s.url: s.nsamples for m in stages.values() for s in m.shards})
     write_json_atomic(out / "manifest.json", manifest.model_dump(mode="json"))  # commit point, last
     return manifest

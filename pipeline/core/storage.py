@@ -26,7 +26,6 @@ import logging
 import os
 import random
 import shutil
-import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -36,16 +35,10 @@ from pathlib import Path
 from typing import IO, TypeVar
 
 import fsspec
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from facemllm.pipeline.sink import (
-    atomic_path,
-    check_member_name,
-    group_samples,
-    sha256_file,
-    split_member_name,
-    write_bytes_atomic,
-)
+from facemllm.pipeline.core.files import atomic_path, default_cache_dir, sha256_file, write_bytes_atomic
+from facemllm.schemas import StrictModel
 
 ENDPOINT_ENV = "FACEMLLM_S3_ENDPOINT"
 STAGING_ENV = "FACEMLLM_STAGING"
@@ -54,7 +47,6 @@ SHA256_METADATA_KEY = "sha256"
 MIB = 1 << 20
 S3_MIN_PART_BYTES = 5 * MIB
 READ_BLOCK_BYTES = 8 * MIB
-MAX_MEMBER_BYTES = 256 * MIB  # a shard member larger than this is skipped, never read into memory
 # Errors that another attempt cannot fix: a missing bucket or object, a denied request, a bad input.
 NOT_RETRYABLE = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError)
 
@@ -63,10 +55,9 @@ Job = TypeVar("Job")
 Result = TypeVar("Result")
 
 
-class StorageOptions(BaseModel):
+class StorageOptions(StrictModel):
     """How to reach a store and how hard to try; credentials are never part of it."""
 
-    model_config = ConfigDict(extra="forbid")
     endpoint_url: str | None = Field(
         None, description=f"S3-compatible endpoint (default ${ENDPOINT_ENV}, else AWS's own)"
     )
@@ -328,8 +319,6 @@ def local_folder(out: str) -> Path:
     (``$FACEMLLM_STAGING``, else the cache folder's ``staging/``, one subfolder per URL)."""
     if not is_remote(out):
         return Path(out)
-    from facemllm.annotators.model_store import default_cache_dir
-
     root = Path(os.environ.get(STAGING_ENV) or default_cache_dir() / "staging").expanduser()
     return root / hashlib.sha256(out.rstrip("/").encode()).hexdigest()[:16]
 
@@ -402,21 +391,3 @@ def enable_webdataset_urls(
     for scheme in schemes:
         gopen_module.gopen_schemes[scheme] = gopen_fsspec
         wids_dl.default_cmds[scheme] = copy_to_local
-
-
-def iter_tar_stream(url: str, storage: StorageOptions) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {ext: bytes})`` from a streamed tar, members checked as the shard sink's reader does;
-    non-file members and absurdly large ones are skipped (a tolerant reader for training and eval)."""
-
-    def members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, bytes]]:
-        for member in tar:
-            check_member_name(member.name)
-            if not member.isfile():
-                continue
-            if member.size > MAX_MEMBER_BYTES:  # never read an absurd member into memory
-                log.warning("skipping %s in %s: %d bytes", member.name, url, member.size)
-                continue
-            yield (*split_member_name(member.name), tar.extractfile(member).read())
-
-    with open_url(url, "rb", storage) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-        yield from group_samples(members(tar))
