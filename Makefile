@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-* && touch $@
 
 test: install vllm
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 demo: install
@@ -40,6 +41,7 @@ bench: install vllm
 	$(BIN)/python -m benchmarks.bench_eval
 
 lint: install
+	$(BIN)/lint-imports
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 

@@ -11,9 +11,10 @@ the simplest client that could?
 - Input: one face shard from the real face stage (SCRFD on package photos: the 1927 Solvay
   conference, a group photo, portraits), re-encoded at slightly different JPEG qualities when
   ``--faces`` asks for more faces than the photos hold, so every face is a distinct image.
-- Ours: ``AnnotationShardProcessor.process`` on that shard: reads the tar, sends each crop with
-  the prompt and the JSON-schema response format, validates each answer with pydantic, appends it
-  to the request cache, writes the annotation tar (in key order), the status parquet and the stats.
+- Ours: ``AnnotateStage`` run on that shard by the stage executor (``execute_unit``): reads the
+  tar, sends each crop with the prompt and the JSON-schema response format, validates each answer
+  with pydantic, appends it to the request cache, writes the annotation tar (in key order), the
+  status parquet and the stats.
 - Anchor: ``openai.AsyncOpenAI`` with an ``asyncio.Semaphore(concurrency)`` over the same crops,
   the same messages, sampling parameters and response format; ``json.loads`` of each answer, nothing
   written.
@@ -96,17 +97,19 @@ def _cpu_s() -> float:
 
 
 def build_face_shards(folder: Path, faces: int, warmup: int) -> tuple[Path, Path]:
-    """(measured shard, warm-up shard) of distinct face crops from the real face stage."""
+    """(measured shard, warm-up shard) of distinct face crops from the real face stage, written
+    where the annotate stage bound to ``folder`` reads them: ``faces/00000.tar``, ``warm/00001.tar``."""
     import io
     import json
 
     from PIL import Image
 
-    from facemllm.annotators.faces import FaceConfig
+    from facemllm.annotators.face_config import FaceConfig
     from facemllm.annotators.model_store import ensure_scrfd_package
     from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples
-    from facemllm.pipeline.demo_sample import package_photos
-    from facemllm.pipeline.faces import FaceShardProcessor
+    from facemllm.pipeline.demo.sample import package_photos
+    from facemllm.pipeline.stages.faces import FaceStage
+    from facemllm.pipeline.stages.framework import execute_unit
 
     photos = package_photos(ensure_scrfd_package())
     images = folder / "images" / "00000.tar"
@@ -116,7 +119,9 @@ def build_face_shards(folder: Path, faces: int, warmup: int) -> tuple[Path, Path
             writer.add(
                 f"00000{index:04d}", {"jpg": photos[name].read_bytes(), "json": json.dumps(meta).encode()}
             )
-    FaceShardProcessor(FaceConfig(max_faces=32), folder / "detected").process(0, images)
+    detect = FaceStage(FaceConfig(max_faces=32), input_dir="images", output_dir="detected")
+    detect.bind(folder).setup()
+    execute_unit(detect, 0)
     crops = list(iter_tar_samples(folder / "detected" / "00000.tar"))
 
     def write(path: Path, count: int, offset: int) -> Path:
@@ -159,18 +164,45 @@ def _config(
     )
 
 
-def run_ours(faces_tar: str, warm_tar: str, work: str, **settings) -> dict:
-    """Child process: the annotate stage's shard processor."""
-    from facemllm.pipeline.annotate import AnnotationShardProcessor
+def _track_clients() -> list:
+    """Makes the annotate stage's ``ChatClient`` record each instance (in this child process only),
+    so that the sampler can read the live client's requests in flight; nothing per request."""
+    from facemllm.pipeline.stages import annotate
+
+    clients: list = []
+
+    class RecordedChatClient(annotate.ChatClient):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            clients.append(self)
+
+    annotate.ChatClient = RecordedChatClient
+    return clients
+
+
+def run_ours(root: str, work: str, **settings) -> dict:
+    """Child process: the annotate stage, through the stage executor, on ``root/faces/00000.tar``
+    after a warm-up on ``root/warm/00001.tar`` (outputs under ``root/<work>/``)."""
+    from facemllm.pipeline.stages.annotate import AnnotateStage
+    from facemllm.pipeline.stages.framework import execute_unit
 
     config = _config(**settings)
-    AnnotationShardProcessor(config, Path(work) / "warm").process(1, Path(warm_tar))
-    processor = AnnotationShardProcessor(config, Path(work) / "annotations", base_url=config.endpoint)
-    read = lambda: processor.last_client_stats.in_flight if processor.last_client_stats else 0  # noqa: E731
+    clients = _track_clients()
+    warm = AnnotateStage(config, input_dir="warm", output_dir=f"{work}/warm", base_url=config.endpoint)
+    warm.bind(Path(root)).setup()
+    execute_unit(warm, 1)
+    stage = AnnotateStage(
+        config, input_dir="faces", output_dir=f"{work}/annotations", base_url=config.endpoint
+    )
+    stage.bind(Path(root)).setup()
+    clients.clear()
+    read = lambda: clients[-1].stats.in_flight if clients else 0  # noqa: E731
     with InFlightSampler(read) as sampler:
         begin, cpu = time.perf_counter(), _cpu_s()
-        stats = processor.process(0, Path(faces_tar))
+        stats, skipped = execute_unit(stage, 0)
         wall, cpu = time.perf_counter() - begin, _cpu_s() - cpu
+    if skipped:
+        raise RuntimeError(f"annotation shard 0 was already complete under {root}/{work}")
     return {
         "faces": stats["faces"],
         "succeeded": stats["status"].get("success", 0),
@@ -305,9 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
             for side in order:
                 if side == "ours":
                     work = tmp / f"ours-{repeat}"
-                    result = run_isolated(
-                        run_ours, faces_tar=faces_tar, warm_tar=warm_tar, work=str(work), **settings
-                    )
+                    result = run_isolated(run_ours, root=str(tmp), work=work.name, **settings)
                     shutil.rmtree(work, ignore_errors=True)
                 else:
                     result = run_isolated(run_anchor, faces_tar=faces_tar, warm_tar=warm_tar, **settings)

@@ -10,8 +10,8 @@ is its own.
 
 Fairness:
 
-- Ours is ``ImageShardDownloader.download`` called for each url shard in turn, in one process: that
-  is what one pipeline worker does. The anchor is ``img2dataset.main.download`` with
+- Ours is ``DownloadStage`` run by the stage executor (``execute_unit``) on each url shard in turn,
+  in one process: that is what one pipeline worker does. The anchor is ``img2dataset.main.download`` with
   ``processes_count=1`` and ``distributor="multiprocessing"``, so it also downloads one shard at a
   time in one process, with the same ``thread_count`` threads, timeout, retries, shard size and
   ``Resizer``/``Downloader`` settings as ``DownloadConfig`` gives ours (resize_mode no,
@@ -56,7 +56,7 @@ FIRST_SAMPLE_ID = 1_630_000_000
 
 def _rows(base_urls: list[tuple[str, str]], count: int, tag: str) -> list[dict]:
     """``count`` unique urls cycling over the photo urls: ``?<tag>=<i>`` keeps them distinct."""
-    from facemllm.pipeline.demo_sample import ALT_TEXTS
+    from facemllm.pipeline.demo.sample import ALT_TEXTS
 
     rows = []
     for index in range(count):
@@ -77,11 +77,12 @@ def _rows(base_urls: list[tuple[str, str]], count: int, tag: str) -> list[dict]:
 
 
 def _write_inputs(rows: list[dict], folder: Path, samples_per_shard: int) -> tuple[Path, list[Path]]:
-    """The same rows as img2dataset's parquet input and as our url shards (URL_SHARD_SCHEMA)."""
+    """The same rows as img2dataset's parquet input and as our url shards (URL_SHARD_SCHEMA), the
+    latter where the download stage bound to ``folder`` reads them (``folder/urls``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from facemllm.pipeline.select import URL_SHARD_SCHEMA, url_shard_path
+    from facemllm.pipeline.stages.select import URL_SHARD_SCHEMA, url_shard_path
 
     folder.mkdir(parents=True)
     url_list = folder / "url_list.parquet"
@@ -121,20 +122,21 @@ def _sum_stats(stats: list[dict]) -> dict:
 
 
 def run_ours(
-    url_shards: list[str],
-    warm_shard: str,
-    work: str,
+    root: str,
+    warm_root: str,
+    shard_ids: list[int],
     samples_per_shard: int,
     warm_samples: int,
     threads: int,
     timeout: int,
     retries: int,
 ) -> dict:
-    """Child process: our download stage, one url shard after another."""
+    """Child process: our download stage, one url shard after another (``root/urls/part-NNNNN.parquet``
+    -> ``root/images/``), after a warm-up on ``warm_root``'s url shard 0."""
     started = time.perf_counter()
-    from facemllm.pipeline.config import DownloadConfig
-    from facemllm.pipeline.download import ImageShardDownloader
-    from facemllm.pipeline.netguard import DestinationPolicy
+    from facemllm.pipeline.stages.download import DownloadConfig, DownloadStage
+    from facemllm.pipeline.stages.framework import execute_unit
+    from facemllm.pipeline.stages.netguard import DestinationPolicy
 
     config = DownloadConfig(
         thread_count=threads,
@@ -142,14 +144,24 @@ def run_ours(
         retries=retries,
         destinations=DestinationPolicy(allow_loopback=True),  # the host is 127.0.0.1
     )
-    ImageShardDownloader(config, Path(work) / "warm", warm_samples).download(0, Path(warm_shard))
+
+    def run(stage: DownloadStage, shard_id: int) -> dict:
+        stats, skipped = execute_unit(stage, shard_id)
+        if skipped:
+            raise RuntimeError(f"image shard {shard_id} was already complete under {stage.root}")
+        return stats
+
+    warm = DownloadStage(config, warm_samples)
+    warm.bind(Path(warm_root)).setup()
+    run(warm, 0)
     warmed = time.perf_counter()
-    downloader = ImageShardDownloader(config, Path(work) / "images", samples_per_shard)
+    stage = DownloadStage(config, samples_per_shard)
+    stage.bind(Path(root)).setup()
     rss_before = rss_mb()
     begin = time.perf_counter()
-    stats = [downloader.download(shard_id, Path(path)) for shard_id, path in enumerate(url_shards)]
+    stats = [run(stage, shard_id) for shard_id in shard_ids]
     wall = time.perf_counter() - begin
-    tars = sorted((Path(work) / "images").glob("*.tar"))
+    tars = sorted((Path(root) / "images").glob("*.tar"))
     return {
         **_sum_stats(stats),
         "startup_and_warmup_s": warmed - started,
@@ -173,7 +185,7 @@ def run_anchor(
     started = time.perf_counter()
     from img2dataset.main import download
 
-    from facemllm.pipeline.config import DownloadConfig
+    from facemllm.pipeline.stages.download import DownloadConfig
 
     defaults = DownloadConfig()
     common = {
@@ -187,11 +199,11 @@ def run_anchor(
         "resize_only_if_bigger": defaults.resize_only_if_bigger,
         "encode_format": defaults.encode_format,
         "encode_quality": defaults.encode_quality,
-        "skip_reencode": True,  # as ImageShardDownloader builds its Resizer
+        "skip_reencode": True,  # as DownloadStage builds its Resizer
         "min_image_size": defaults.min_image_size,
         "max_image_area": defaults.max_image_pixels,
         "max_aspect_ratio": defaults.max_aspect_ratio,
-        "extract_exif": False,  # as ImageShardDownloader builds its Downloader
+        "extract_exif": False,  # as DownloadStage builds its Downloader
         "compute_hash": "sha256",
         "user_agent_token": defaults.user_agent_token,
         "disallowed_header_directives": list(defaults.disallowed_header_directives),
@@ -243,8 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from facemllm.annotators.model_store import ensure_scrfd_package
-    from facemllm.pipeline.demo_sample import package_photos
-    from facemllm.pipeline.sample_server import SampleServer
+    from facemllm.pipeline.demo.sample import package_photos
+    from facemllm.pipeline.demo.server import SampleServer
 
     photos = package_photos(ensure_scrfd_package())
     samples_per_shard = math.ceil(args.images / args.shards)
@@ -257,9 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
             url_list, url_shards = _write_inputs(
                 _rows(base_urls, args.images, "i"), tmp / "in", samples_per_shard
             )
-            warm_list, warm_shards = _write_inputs(
-                _rows(base_urls, warm_samples, "warm"), tmp / "warm", warm_samples
-            )
+            warm_list, _ = _write_inputs(_rows(base_urls, warm_samples, "warm"), tmp / "warm", warm_samples)
             common = {
                 "samples_per_shard": samples_per_shard,
                 "warm_samples": warm_samples,
@@ -273,14 +283,18 @@ def main(argv: list[str] | None = None) -> dict:
                     work = tmp / f"{side}-{repeat}"
                     work.mkdir()
                     if side == "ours":
+                        # the stage writes beside its url shards (tmp/in/images, tmp/warm/images):
+                        # moved into this run's folder afterwards, so the next run starts afresh
                         result = run_isolated(
                             run_ours,
                             log_path=tmp / f"{side}-{repeat}.log",
-                            url_shards=[str(p) for p in url_shards],
-                            warm_shard=str(warm_shards[0]),
-                            work=str(work),
+                            root=str(tmp / "in"),
+                            warm_root=str(tmp / "warm"),
+                            shard_ids=list(range(len(url_shards))),
                             **common,
                         )
+                        (tmp / "in" / "images").rename(work / "images")
+                        (tmp / "warm" / "images").rename(work / "warm")
                     else:
                         result = run_isolated(
                             run_anchor,
@@ -369,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
                 s["peak_rss_self_mb"],
                 s["peak_rss_children_mb"],
             ]
-            for name, s in (("ours (ImageShardDownloader)", ours), ("anchor (img2dataset.download)", anchor))
+            for name, s in (("ours (DownloadStage)", ours), ("anchor (img2dataset.download)", anchor))
         ],
     )
     print(f"ratio ours/anchor, steady state (images/s): {ratio_steady:.3f}   [goal >= 0.9]")

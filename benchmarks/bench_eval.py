@@ -115,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from benchmarks.bench_reformat import build_synthetic_celeba
-    from facemllm.pipeline.reformat import load_reformat_config, run_reformat
+    from facemllm.pipeline.stages.reformat import load_reformat_config, run_reformat
     from tests.eval_fixture import QA_SETTINGS, build_qa
     from tests.tiny_models import build_idefics3
 

@@ -8,10 +8,12 @@ with 6 faces, the 1927 Solvay conference with 29, single portraits) and a few wi
 repeat to reach ``--images``. PNGs are re-encoded to JPEG first, as img2dataset does for
 ``encode_format=jpg``.
 
-- Ours: ``FaceShardProcessor.process`` on each shard (reads the tar, decodes with a header size
-  check, detects, filters, cuts a context crop and an aligned crop per kept face, JPEG-encodes both,
-  builds a FaceRecord per face and a status row per image, writes the face tar, the status parquet
-  and the stats file atomically).
+- Ours: ``FaceStage`` run on each shard by the stage executor (``execute_unit``: reads the tar,
+  decodes with a header size check, detects, filters, cuts a context crop and an aligned crop per
+  kept face, JPEG-encodes both, builds a FaceRecord per face and a status row per image, writes the
+  face tar, the status parquet and the stats file atomically). The image shards are written where
+  the stage reads them (``images/NNNNN.tar`` under the run folder, the warm-up shard as shard
+  99999); each run writes its faces under its own ``ours-<repeat>/faces``.
 - Anchor: the minimal work: a plain ``tarfile`` loop over the same tars, ``cv2.imdecode``,
   ``SCRFD.detect`` and ``norm_crop`` for every detected face, nothing written.
 - Both load the same ONNX file through ``insightface.model_zoo.get_model`` with the same
@@ -73,12 +75,16 @@ def _jpeg_bytes(path: Path) -> bytes:
     return buffer.tobytes()
 
 
-def _write_image_shards(photos: dict[str, Path], images: int, shards: int, folder: Path) -> list[Path]:
+def _write_image_shards(
+    photos: dict[str, Path], images: int, shards: int, folder: Path, first_shard_id: int = 0
+) -> list[Path]:
+    """``shards`` image shards ``folder/NNNNN.tar`` (ids from ``first_shard_id``) as the download
+    stage writes them."""
     import json
     import math
 
-    from facemllm.pipeline.core.shards import ShardWriter
-    from facemllm.pipeline.demo_sample import ALT_TEXTS
+    from facemllm.pipeline.core.shards import ShardWriter, shard_paths
+    from facemllm.pipeline.demo.sample import ALT_TEXTS
 
     names = [name for name in BENCH_PHOTOS if name in photos]
     if not names:
@@ -86,11 +92,12 @@ def _write_image_shards(photos: dict[str, Path], images: int, shards: int, folde
     payloads = {name: _jpeg_bytes(photos[name]) for name in names}
     per_shard = math.ceil(images / shards)
     paths = []
-    for shard_id in range(shards):
-        writer = ShardWriter(folder / f"{shard_id:05d}.tar")
-        for index in range(shard_id * per_shard, min(images, (shard_id + 1) * per_shard)):
+    for number in range(shards):
+        shard_id = first_shard_id + number
+        writer = ShardWriter(shard_paths(folder, shard_id)["tar"])
+        for index in range(number * per_shard, min(images, (number + 1) * per_shard)):
             name = names[index % len(names)]
-            key = f"{shard_id:05d}{index - shard_id * per_shard:04d}"
+            key = f"{shard_id:05d}{index - number * per_shard:04d}"
             meta = {
                 "url": f"http://127.0.0.1/img/{name}?i={index}",
                 "SAMPLE_ID": 1_630_000_000 + index,
@@ -110,17 +117,29 @@ def _write_image_shards(photos: dict[str, Path], images: int, shards: int, folde
 WARM_SHARD_ID = 99_999
 
 
-def run_ours(tars: list[str], warm_tar: str, work: str, model: str, threads: int, profile: bool) -> dict:
-    """Child process: our face stage, one image shard after another."""
+def run_ours(
+    root: str, shard_ids: list[int], output_dir: str, model: str, threads: int, profile: bool
+) -> dict:
+    """Child process: our face stage, one image shard after another (``root/images/NNNNN.tar`` ->
+    ``root/<output_dir>/``), each through the stage executor."""
     started = time.perf_counter()
-    from facemllm.annotators.faces import FaceConfig
-    from facemllm.pipeline.faces import FaceShardProcessor
+    from facemllm.annotators.face_config import FaceConfig
+    from facemllm.pipeline.stages.faces import FaceStage
+    from facemllm.pipeline.stages.framework import execute_unit
 
     config = FaceConfig(model=Path(model), det_size=DET_SIZE, det_thresh=DET_THRESH, intra_op_threads=threads)
-    processor = FaceShardProcessor(config, Path(work) / "faces")
+    stage = FaceStage(config, input_dir="images", output_dir=output_dir)
+    stage.bind(Path(root)).setup()
+
+    def run(shard_id: int) -> dict:
+        stats, skipped = execute_unit(stage, shard_id)
+        if skipped:
+            raise RuntimeError(f"face shard {shard_id} was already complete under {root}/{output_dir}")
+        return stats
+
     # a whole (tiny) shard, so that one-time costs of the first shard are paid here: onnxruntime's
     # first run, and the first pa.Table.from_pylist, which imports pandas (about 1 s)
-    processor.process(WARM_SHARD_ID, Path(warm_tar))
+    run(WARM_SHARD_ID)
     warmed = time.perf_counter()
     rss_before = rss_mb()
     profiler = None
@@ -130,7 +149,7 @@ def run_ours(tars: list[str], warm_tar: str, work: str, model: str, threads: int
         profiler = cProfile.Profile()
         profiler.enable()
     begin = time.perf_counter()
-    stats = [processor.process(shard_id, Path(tar)) for shard_id, tar in enumerate(tars)]
+    stats = [run(shard_id) for shard_id in shard_ids]
     wall = time.perf_counter() - begin
     if profiler is not None:
         profiler.disable()
@@ -215,15 +234,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from facemllm.annotators.model_store import default_detector_path, ensure_scrfd_package
-    from facemllm.pipeline.demo_sample import package_photos
+    from facemllm.pipeline.demo.sample import package_photos
 
     photos = package_photos(ensure_scrfd_package())
     model = str(default_detector_path())
     tmp = Path(tempfile.mkdtemp(prefix="bench-faces-"))
     runs: dict[str, list[dict]] = {"ours": [], "anchor": []}
     try:
+        # where the face stage reads them (root/images/NNNNN.tar); the anchor reads the same tars
         tars = [str(p) for p in _write_image_shards(photos, args.images, args.shards, tmp / "images")]
-        warm_tar = str(_write_image_shards(photos, args.warmup, 1, tmp / "warm")[0])
+        warm_tar = str(_write_image_shards(photos, args.warmup, 1, tmp / "images", WARM_SHARD_ID)[0])
         for repeat in range(args.repeats):
             order = ("ours", "anchor") if repeat % 2 == 0 else ("anchor", "ours")
             for side in order:
@@ -231,9 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
                     work = tmp / f"ours-{repeat}"
                     result = run_isolated(
                         run_ours,
-                        tars=tars,
-                        warm_tar=warm_tar,
-                        work=str(work),
+                        root=str(tmp),
+                        shard_ids=list(range(args.shards)),
+                        output_dir=f"{work.name}/faces",
                         model=model,
                         threads=args.threads,
                         profile=args.profile and repeat == 0,
@@ -316,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
                 s["rss_after_warmup_mb"],
                 s["peak_rss_mb"],
             ]
-            for name, s in (("ours (FaceShardProcessor)", ours), ("anchor (bare SCRFD loop)", anchor))
+            for name, s in (("ours (FaceStage)", ours), ("anchor (bare SCRFD loop)", anchor))
         ],
     )
     print(f"ratio ours/anchor (images/s): {ratio:.3f}   [goal >= 0.9]")

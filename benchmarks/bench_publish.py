@@ -6,7 +6,7 @@ A real SeaweedFS server (``tests.s3server``) runs on loopback for the whole benc
 folder holds ``--shards`` tar shards of ``--shard-mib`` MiB of incompressible samples and a
 manifest. Each side runs in its own fresh child process (``benchmarks._common``):
 
-- ours: ``pipeline.publish.publish`` to a fresh prefix: sha256 of every local file against the
+- ours: ``pipeline.publishing.publish.publish`` to a fresh prefix: sha256 of every local file against the
   manifest, a HEAD per shard (the resume check), the put with its checksum in the metadata, a
   HEAD after the put, then the indexes and the manifest.
 - anchor: boto3's ``upload_file`` of the same files on a thread pool of the same size, to a fresh
@@ -58,7 +58,7 @@ def make_run(out: Path, shards: int, shard_bytes: int) -> int:
 def run_ours(out: str, warm_out: str, dest: str, parallel: int, chunk_bytes: int) -> dict:
     """Child process: ``facemllm publish``'s function, warmed up on a one-shard run first."""
     from facemllm.pipeline.core.storage import StorageOptions
-    from facemllm.pipeline.publish import publish
+    from facemllm.pipeline.publishing.publish import publish
 
     options = StorageOptions(parallel=parallel, multipart_chunk_bytes=chunk_bytes, progress=False)
     publish(Path(warm_out), f"{dest}-warm", options)  # client set-up and first connections

@@ -65,7 +65,7 @@ def build_synthetic_celeba(root: Path, rows: int, seed: int = 0) -> Path:
 def run_ours(root: str, warm_root: str, work: str, mode: str, workers: int) -> dict:
     """Child process: ``run_reformat`` on the warm-up copy, then on the measured one."""
     started = time.perf_counter()
-    from facemllm.pipeline.reformat import load_reformat_config, run_reformat
+    from facemllm.pipeline.stages.reformat import load_reformat_config, run_reformat
 
     overrides = [f"runner.direct_running_mode={mode}", f"runner.direct_num_workers={workers}"]
 

@@ -35,7 +35,7 @@ import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from facemllm.reformatters.qa import LETTERS
+from facemllm.schemas.vocab import OPTION_LETTERS
 
 PARSER_VERSION = "1"
 
@@ -125,7 +125,7 @@ def parse_letters(reply: str, options: list[str]) -> set[int] | None:
 
 
 def _option_index(letter: str, count: int) -> int | None:
-    index = LETTERS.find(letter.upper())
+    index = OPTION_LETTERS.find(letter.upper())
     return index if 0 <= index < count else None
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from facemllm.evaluation.parsing import (
-    LETTERS,
     AgeReading,
     Vocabulary,
     parse_age,
@@ -29,13 +28,14 @@ from facemllm.evaluation.parsing import (
     parse_letters,
     parse_yes_no,
 )
-from facemllm.reformatters.demographics import AGE_BAND_BOUNDS, AGE_BANDS, GENDERS, OLDEST_BAND, age_band
+from facemllm.reformatters.demographics import AGE_BANDS, GENDERS
 from facemllm.reformatters.fairface import RACES as FAIRFACE_RACES
 from facemllm.reformatters.qa import LabelSpace
 from facemllm.reformatters.rafdb import EXPRESSIONS
 from facemllm.reformatters.utkface import RACES as UTKFACE_RACES
 from facemllm.schemas import QASample, QATask, SourceDataset
 from facemllm.schemas.evaluation import EvalTask, ParseStatus
+from facemllm.schemas.vocab import AGE_BAND_BOUNDS, OLDEST_AGE_BAND, OPTION_LETTERS, age_band
 
 ZERO_SHOT_SPLIT = "zeroshot"  # CelebA's split of questions about held-out attributes
 
@@ -164,7 +164,7 @@ def band_of(reading: AgeReading) -> str | None:
     """The age band holding the whole interval, or None when it spans bands."""
     low_band = age_band(int(reading.low))
     if reading.high == float("inf"):
-        return OLDEST_BAND if reading.low >= AGE_BAND_BOUNDS[-1][1] + 1 else None
+        return OLDEST_AGE_BAND if reading.low >= AGE_BAND_BOUNDS[-1][1] + 1 else None
     return low_band if age_band(int(reading.high)) == low_band else None
 
 
@@ -198,7 +198,7 @@ def judge(sample: QASample, reply: str) -> Judgement:
         if chosen is None:
             return UNPARSED
         values = tuple(label.options[i] for i in sorted(chosen))
-        parsed = ", ".join(LETTERS[i] for i in sorted(chosen)) or "None"
+        parsed = ", ".join(OPTION_LETTERS[i] for i in sorted(chosen)) or "None"
         return Judgement("parsed", parsed, values, set(values) == truth)
     if sample.task != "age" and (sample.dataset, sample.task) not in VOCABULARIES:
         raise ValueError(f"no parser for {sample.answer_style} {sample.task} questions of {sample.dataset}")
@@ -208,7 +208,7 @@ def judge(sample: QASample, reply: str) -> Judgement:
         if index is None:
             return UNPARSED
         value = label.options[index]
-        return Judgement("parsed", LETTERS[index], (value,), value in truth)
+        return Judgement("parsed", OPTION_LETTERS[index], (value,), value in truth)
     if sample.task in ("age", "age_band"):
         reading = parse_age(reply)
         if reading is None:

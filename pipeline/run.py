@@ -1,188 +1,69 @@
-"""The acquisition pipeline: select -> download -> faces, as Beam stages.
+"""``facemllm run``: the LAION-Face DAG, select -> download -> faces -> annotate -> laion_face_qa.
 
-Each stage is a DoFn that adapts one plain class (``LaionFaceSelector``, ``ImageShardDownloader``,
-``FaceShardProcessor``): set up once per worker, process one shard, count metrics. Shards move
-between stages as ids; each stage's completion markers make a retried bundle or a rerun after a
-kill skip finished shards and redo partial ones. When the pipeline has finished, the driver
-writes ``manifest.json`` (the commit point) and ``sizes.json`` from what is on disk.
+Each configured stage (``pipeline/stages/``) runs through the one executor (``StageDoFn``): units
+move between stages as ids, completion markers make a retried bundle or a rerun after a kill skip
+finished units and redo partial ones. A stage not configured reuses the completed output of an
+earlier run. When the pipeline has finished, the driver writes ``sizes.json`` and ``manifest.json``
+(the commit point) from what is on disk, and the LAION-Face QA datasets' manifests.
 
-``out`` may be an object-store URL: stages then write into a local mirror as usual and
-``RunStore`` uploads each finished shard with its completion marker last, fetches inputs and
-finished shards that other workers (or an earlier run) left in the store, and the driver uploads
-the manifest last.
+``out`` may be an object-store URL: stages then write into a local mirror as usual and the run
+store uploads each finished unit with its completion marker last, fetches inputs and finished
+units that other workers (or an earlier run) left in the store, and the driver uploads the
+manifests last.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 
 from facemllm.pipeline.config import RunConfig
 from facemllm.pipeline.core.manifest import SHARD_STAGES, write_run_manifest
-from facemllm.pipeline.core.shards import shard_paths
-from facemllm.pipeline.core.storage import RunStore, local_folder
+from facemllm.pipeline.core.shards import completed_shards, shard_paths
+from facemllm.pipeline.core.storage import RunStore
 from facemllm.pipeline.runners import make_runner, pipeline_options
-
-METRICS_NAMESPACE = "facemllm"
-
-
-class SelectDoFn(beam.DoFn):
-    def __init__(self, config: RunConfig):
-        self.config = config
-
-    def setup(self):
-        from facemllm.pipeline.select import LaionFaceSelector, load_sample_ids
-
-        select = self.config.select
-        ids = load_sample_ids(select.ids, select.id_parts, select.trust_id_pickle)
-        self.store = RunStore(self.config.out)
-        self.selector = LaionFaceSelector(select, ids, self.store.local / "urls")
-
-    def process(self, indexed_input: tuple[int, str]):
-        from facemllm.pipeline.select import url_shard_path
-
-        marker = self.selector.marker_path(indexed_input[0])
-        self.store.fetch_completed(marker)
-        result = self.selector.select_file(*indexed_input)
-        url_shards = [url_shard_path(self.selector.urls_dir, shard_id) for shard_id in result["shards"]]
-        self.store.push_completed(marker, *url_shards)
-        for reason, count in result["counts"].items():
-            Metrics.counter(METRICS_NAMESPACE, f"select_{reason}").inc(count)
-        for shard_id, path in zip(result["shards"], url_shards, strict=True):
-            yield shard_id, str(path)
+from facemllm.pipeline.stages.annotate import AnnotateStage, check_annotate_config
+from facemllm.pipeline.stages.download import DownloadStage, bound_decoder_pixels
+from facemllm.pipeline.stages.faces import FaceStage
+from facemllm.pipeline.stages.framework import Stage, apply_stage, clean_run
+from facemllm.pipeline.stages.laion_face_qa import LaionFaceQAStage
+from facemllm.pipeline.stages.laion_face_qa import finalize as finalize_laion_face_qa
+from facemllm.pipeline.stages.select import SelectStage, expand_inputs
 
 
-class DownloadDoFn(beam.DoFn):
-    def __init__(self, config: RunConfig):
-        self.config = config
-
-    def setup(self):
-        from facemllm.pipeline.download import ImageShardDownloader
-
-        self.store = RunStore(self.config.out)
-        self.downloader = ImageShardDownloader(
-            self.config.download, self.store.local / "images", self.config.select.samples_per_shard
-        )
-
-    def process(self, shard: tuple[int, str]):
-        from facemllm.pipeline.select import url_shard_path
-
-        shard_id = shard[0]
-        url_shard = url_shard_path(self.store.local / "urls", shard_id)  # this worker's copy
-        marker, *files = shard_files(self.store.local / "images", shard_id)
-        self.store.fetch_completed(marker, *files)
-        skipped = self.downloader.is_done(shard_id)
-        if not skipped:
-            self.store.fetch(url_shard)
-        stats = self.downloader.download(shard_id, url_shard)
-        self.store.push_completed(marker, *files)
-        if not skipped:
-            for name in ("successes", "failed_to_download", "failed_to_resize"):
-                Metrics.counter(METRICS_NAMESPACE, f"download_{name}").inc(stats.get(name, 0))
-        Metrics.counter(METRICS_NAMESPACE, "download_shards_skipped" if skipped else "download_shards").inc()
-        yield shard_id
+def make_stages(config: RunConfig) -> dict[str, Stage]:
+    """The configured stages, in DAG order, by name."""
+    factories = {
+        "select": lambda: SelectStage(config.select, expand_inputs(config.select.metadata)),
+        "download": lambda: DownloadStage(config.download, config.select.samples_per_shard),
+        "faces": lambda: FaceStage(config.faces),
+        "annotate": lambda: AnnotateStage(config.annotate),
+        "laion_face_qa": lambda: LaionFaceQAStage(config.laion_face_qa),
+    }
+    return {name: make() for name, make in factories.items() if name in config.stages}
 
 
-class FacesDoFn(beam.DoFn):
-    def __init__(self, config: RunConfig):
-        self.config = config
-
-    def setup(self):
-        from facemllm.pipeline.download import bound_decoder_pixels
-        from facemllm.pipeline.faces import FaceShardProcessor
-
-        bound_decoder_pixels(self.config.download.max_image_pixels)
-        self.store = RunStore(self.config.out)
-        self.processor = FaceShardProcessor(self.config.faces, self.store.local / "faces")
-
-    def process(self, shard_id: int):
-        marker, *files = shard_files(self.store.local / "faces", shard_id)
-        self.store.fetch_completed(marker, *files)
-        skipped = self.processor.is_done(shard_id)
-        image_tar = shard_paths(self.store.local / "images", shard_id)["tar"]
-        if not skipped:
-            self.store.fetch(image_tar)
-        stats = self.processor.process(shard_id, image_tar)
-        self.store.push_completed(marker, *files)
-        if not skipped:
-            Metrics.counter(METRICS_NAMESPACE, "faces_kept").inc(stats["faces"])
-            for status, count in stats["status"].items():
-                Metrics.counter(METRICS_NAMESPACE, f"faces_images_{status}").inc(count)
-        yield shard_id
+def existing_units(out: Path, stage: str) -> list[int]:
+    """Where a stage starts when the stage before it is not part of this run: that stage's output."""
+    if stage == "download":
+        return sorted(int(p.stem.split("-")[1]) for p in (out / "urls").glob("part-*.parquet"))
+    previous = {"faces": "images", "annotate": "faces", "laion_face_qa": "annotations"}[stage]
+    return completed_shards(out / previous)
 
 
-def shard_files(stage_dir: Path, shard_id: int) -> list[Path]:
-    """A stage's shard as a unit of work: its completion marker, then the files it marks complete."""
-    paths = shard_paths(stage_dir, shard_id)
-    return [paths["stats"], paths["tar"], paths["parquet"]]
-
-
-def sync_completed(store: RunStore) -> None:
-    """For an object-store ``out``: bring the store's completed work into the local mirror and
-    upload the mirror's completed work the store lacks (driver only; nothing to do for a local out)."""
-    if store.remote is None:
-        return
-    fetches = [
-        [path] for path in store.in_store("urls/_select-*.json") + store.in_store("urls/part-*.parquet")
-    ]
-    pushes = []
-    for stage in SHARD_STAGES:
-        local = set((store.local / stage).glob("*_stats.json"))
-        remote = set(store.in_store(f"{stage}/*_stats.json"))
-        fetches += [shard_files(m.parent, int(m.name.split("_")[0])) for m in sorted(remote - local)]
-        pushes += [shard_files(m.parent, int(m.name.split("_")[0])) for m in sorted(local - remote)]
-    store.remote.parallel(fetches, lambda unit: store.fetch_completed(*unit), "fetch finished shards")
-    store.remote.parallel(pushes, lambda unit: store.push_completed(*unit), "upload finished shards")
-
-
-def existing_url_shards(out: Path) -> list[tuple[int, str]]:
-    return [(int(p.stem.split("-")[1]), str(p)) for p in sorted((out / "urls").glob("part-*.parquet"))]
-
-
-def clean_stale_temporaries(out: Path) -> None:
-    """Remove what killed workers left half-written; only the driver calls this, before any worker."""
-    shutil.rmtree(out / "images" / "_tmp", ignore_errors=True)
-    for stray in out.glob("*/.*.tmp-*"):
-        stray.unlink(missing_ok=True)
-
-
-def build(pipeline: beam.Pipeline, config: RunConfig) -> None:
-    from facemllm.pipeline.select import expand_inputs
-
-    out = local_folder(config.out)
-    stages = config.stages
-    if "select" in stages:
-        shards = (
-            pipeline
-            | "MetadataFiles" >> beam.Create(list(enumerate(expand_inputs(config.select.metadata))))
-            | "Select" >> beam.ParDo(SelectDoFn(config))
-        )
-    else:
-        shards = pipeline | "UrlShards" >> beam.Create(existing_url_shards(out))
-    if "download" in stages:
-        shards = (
-            shards | "SpreadUrlShards" >> beam.Reshuffle() | "Download" >> beam.ParDo(DownloadDoFn(config))
-        )
-    elif "faces" in stages:
-        shards = shards | "ShardIds" >> beam.Map(lambda shard: shard[0])
-    if "faces" in stages:
-        shards = shards | "SpreadImageShards" >> beam.Reshuffle() | "Faces" >> beam.ParDo(FacesDoFn(config))
-    if "annotate" in stages:
-        from facemllm.pipeline.annotate import AnnotateDoFn, completed_face_shards
-
-        if "faces" not in stages:
-            shards = pipeline | "FaceShards" >> beam.Create(completed_face_shards(out / "faces"))
-        annotate = AnnotateDoFn(config.annotate, str(out / "faces"), str(out / "annotations"), config.out)
-        shards | "SpreadFaceShards" >> beam.Reshuffle() | "Annotate" >> beam.ParDo(annotate)
+def build(pipeline: beam.Pipeline, config: RunConfig, stages: dict[str, Stage]) -> None:
+    out = RunStore(config.out).local
+    units = None
+    for name, stage in stages.items():
+        if units is None:
+            initial = range(len(stage.metadata_files)) if name == "select" else existing_units(out, name)
+            units = pipeline | f"{name}Units" >> beam.Create(list(initial))
+        units = apply_stage(units, name.title().replace("_", ""), stage, config.out)
 
 
 def check_inputs(config: RunConfig) -> None:
     """Fail on missing inputs before any work starts, naming the setting to change."""
-    from facemllm.pipeline.select import expand_inputs
-
     if "select" in config.stages:
         expand_inputs(config.select.metadata)
         if not Path(config.select.ids).is_file():
@@ -192,29 +73,58 @@ def check_inputs(config: RunConfig) -> None:
         if "faces" in config.stages and path is not None and not Path(path).exists():
             raise FileNotFoundError(f"faces.{name}: no such path {str(path)!r}")
     if "annotate" in config.stages:
-        from facemllm.pipeline.annotate import check_annotate_config
-
         check_annotate_config(config.annotate)
 
 
-def run(config: RunConfig):
-    """Run the configured stages to completion, then write the manifest; returns it."""
-    from facemllm.pipeline.download import bound_decoder_pixels
+def sync_completed(store: RunStore) -> None:
+    """For an object-store ``out``: bring the store's completed shards into the local mirror and
+    upload the mirror's completed shards the store lacks (driver only; nothing to do for a local out)."""
+    if store.remote is None:
+        return
 
+    def unit(marker: Path) -> list[Path]:
+        paths = shard_paths(marker.parent, int(marker.name.split("_")[0]))
+        return [paths["stats"], paths["tar"], paths["parquet"]]
+
+    fetches = [
+        [path] for path in store.in_store("urls/_select-*.json") + store.in_store("urls/part-*.parquet")
+    ]
+    pushes = []
+    for stage in SHARD_STAGES:
+        local = set((store.local / stage).glob("*_stats.json"))
+        remote = set(store.in_store(f"{stage}/*_stats.json"))
+        fetches += [unit(marker) for marker in sorted(remote - local)]
+        pushes += [unit(marker) for marker in sorted(local - remote)]
+    store.remote.parallel(
+        fetches, lambda files: store.fetch_completed(files[0], lambda _: files[1:]), "fetch finished shards"
+    )
+    store.remote.parallel(pushes, lambda files: store.push_completed(*files), "upload finished shards")
+
+
+def run(config: RunConfig):
+    """Run the configured stages to completion, then write the manifests; returns the run manifest."""
     check_inputs(config)
     bound_decoder_pixels(config.download.max_image_pixels)  # before any import of cv2; workers inherit it
     store = RunStore(config.out)
     out = store.local
     out.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(out)
+    stages = make_stages(config)
+    clean_run(out, [stage.bind(out) for stage in stages.values()])
     sync_completed(store)  # a resumed run sees what the store already holds
     with beam.Pipeline(
         runner=make_runner(config.runner), options=pipeline_options(config.runner)
     ) as pipeline:
-        build(pipeline, config)
-    clean_stale_temporaries(out)
+        build(pipeline, config, stages)
+    clean_run(out, stages.values())
     sync_completed(store)  # the manifest is built from every worker's shards
+    pushed = []
+    if "laion_face_qa" in stages:
+        qa = stages["laion_face_qa"]
+        finalize_laion_face_qa(qa, existing_units(out, "laion_face_qa"))
+        pushed = sorted(qa.qa_dir.glob("*/*/sizes.json")) + sorted(qa.qa_dir.glob("*/manifest.json"))
     manifest = write_run_manifest(out, config.config_hash())
     sizes = sorted(out.glob("*/sizes.json"))
-    store.push(*sizes, out / "sizes.json", out / "manifest.json")  # the manifest last: the commit point
+    store.push(
+        *pushed, *sizes, out / "sizes.json", out / "manifest.json"
+    )  # the manifest last: the commit point
     return manifest

@@ -7,9 +7,31 @@ offline. Everything else goes through Beam's own runners with standard pipeline 
 
 from __future__ import annotations
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from typing import Literal
 
-from facemllm.pipeline.config import RunnerConfig
+from pydantic import Field, model_validator
+
+from facemllm.schemas import StrictModel
+
+
+class RunnerConfig(StrictModel):
+    """Which Beam runner executes the stages; see README for Dataflow, Flink and Spark."""
+
+    runner: Literal["direct", "portable", "dataflow", "flink", "spark"] = "direct"
+    direct_num_workers: int = Field(2, ge=0, description="0 = one per core")
+    direct_running_mode: Literal["in_memory", "multi_threading", "multi_processing"] = "multi_processing"
+    job_endpoint: str | None = Field(None, description="portable/flink/spark job service host:port")
+    environment_type: str | None = Field(None, description="LOOPBACK, EXTERNAL, PROCESS or DOCKER")
+    environment_config: str | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("WARNING", description="Beam worker logs")
+    options: list[str] = Field(default_factory=list, description="extra Beam pipeline options, verbatim")
+
+    @model_validator(mode="after")
+    def _portable_needs_endpoint(self) -> RunnerConfig:
+        if self.runner == "portable" and not self.job_endpoint:
+            raise ValueError("runner 'portable' needs runner.job_endpoint (e.g. localhost:8099)")
+        return self
+
 
 RUNNER_NAMES = {
     "portable": "PortableRunner",
@@ -19,7 +41,9 @@ RUNNER_NAMES = {
 }
 
 
-def pipeline_options(config: RunnerConfig) -> PipelineOptions:
+def pipeline_options(config: RunnerConfig):
+    from apache_beam.options.pipeline_options import PipelineOptions  # Beam loads only to run
+
     args = [f"--default_sdk_harness_log_level={config.log_level}", *config.options]
     if config.runner == "direct":
         args += [

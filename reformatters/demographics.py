@@ -10,27 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from facemllm.reformatters.qa import Category, LabelSpace, QABuilder, QAPair
+from facemllm.schemas import vocab
 
-AGE_BAND_BOUNDS = ((0, 2), (3, 9), (10, 19), (20, 29), (30, 39), (40, 49), (50, 59), (60, 69))
-OLDEST_BAND = "more than 70"  # FairFace's wording; it holds 70 itself
-
-
-def _age_band_categories() -> list[Category]:
-    categories = [
-        Category(f"{lo}-{hi}", f"{lo}-{hi}", f"between {lo} and {hi} years old") for lo, hi in AGE_BAND_BOUNDS
+AGE_BANDS = LabelSpace(
+    [
+        *(
+            Category(band, band, f"between {lo} and {hi} years old")
+            for band, (lo, hi) in zip(vocab.AGE_BANDS[:-1], vocab.AGE_BAND_BOUNDS, strict=True)
+        ),
+        Category(vocab.OLDEST_AGE_BAND, vocab.OLDEST_AGE_BAND, "more than 70 years old"),
     ]
-    return [*categories, Category(OLDEST_BAND, OLDEST_BAND, "more than 70 years old")]
-
-
-AGE_BANDS = LabelSpace(_age_band_categories())
-GENDERS = LabelSpace([Category("male", "Male", "male"), Category("female", "Female", "female")])
-
-
-def age_band(years: int) -> str:
-    for lo, hi in AGE_BAND_BOUNDS:
-        if lo <= years <= hi:
-            return f"{lo}-{hi}"
-    return OLDEST_BAND
+)
+GENDERS = LabelSpace(Category(gender, gender.capitalize(), gender) for gender in vocab.GENDERS)
 
 
 @dataclass(frozen=True)

@@ -16,21 +16,12 @@ from facemllm.reformatters.base import DatasetReformatter, InputRow, Rejection, 
 from facemllm.reformatters.config import QAConfig
 from facemllm.reformatters.demographics import AGE_BANDS, PerceivedDemographics, demographic_pairs
 from facemllm.reformatters.qa import Category, LabelSpace, QAPair
+from facemllm.schemas.vocab import FAIRFACE_GENDERS, FAIRFACE_RACES
 
 LABEL_FILES = {"train": "fairface_label_train.csv", "val": "fairface_label_val.csv"}
 REQUIRED_COLUMNS = ("file", "age", "gender", "race")
-GENDER_VALUES = {"Male": "male", "Female": "female"}
-RACES = LabelSpace(
-    [
-        Category("White", "White", "White"),
-        Category("Black", "Black", "Black"),
-        Category("Latino_Hispanic", "Latino/Hispanic", "Latino or Hispanic"),
-        Category("East Asian", "East Asian", "East Asian"),
-        Category("Southeast Asian", "Southeast Asian", "Southeast Asian"),
-        Category("Indian", "Indian", "Indian"),
-        Category("Middle Eastern", "Middle Eastern", "Middle Eastern"),
-    ]
-)
+RACE_WORDS = {"Latino_Hispanic": ("Latino/Hispanic", "Latino or Hispanic")}  # option, phrase; else the value
+RACES = LabelSpace(Category(race, *RACE_WORDS.get(race, (race, race))) for race in FAIRFACE_RACES)
 
 
 class FairFaceReformatter(DatasetReformatter[PerceivedDemographics]):
@@ -87,10 +78,12 @@ class FairFaceReformatter(DatasetReformatter[PerceivedDemographics]):
             return InputRow(
                 index, source, split=split, rejection=Rejection("bad_name", f"unsafe image path {image!r}")
             )
-        if age not in AGE_BANDS or gender not in GENDER_VALUES or race not in RACES:
+        if age not in AGE_BANDS or gender not in FAIRFACE_GENDERS or race not in RACES:
             detail = f"age {age!r}, gender {gender!r}, race {race!r}"
             return InputRow(index, source, image, split, rejection=Rejection("unknown_label", detail))
-        return InputRow(index, source, image, split, PerceivedDemographics(age, GENDER_VALUES[gender], race))
+        return InputRow(
+            index, source, image, split, PerceivedDemographics(age, FAIRFACE_GENDERS[gender], race)
+        )
 
     def qa_pairs(self, row: InputRow[PerceivedDemographics]) -> list[tuple[str, QAPair]]:
         return [(row.split, pair) for pair in demographic_pairs(self.builder, row.image, row.label, RACES)]

@@ -18,31 +18,33 @@ of the face key, so a face and all its questions land in the same split. Randomn
 paraphrase, tasks, styles, options) comes from a sha256 of (seed, key, purpose), never from global
 state: the same inputs always give the same bytes.
 
-Every face is accounted for: ``OUT/qa/_laion_face/NNNNN_stats.json`` (written last: the shard's
-completion marker; a rerun skips completed shards) counts faces in, samples out and skips by
-reason; ``sizes.json`` is written per output folder at the end.
+The stage that writes these samples into shards, with a status row per face, completion markers
+and a manifest per dataset, is ``pipeline/stages/laion_face_qa.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
-from collections import Counter
-from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from facemllm.pipeline.core.config import hash_config
-from facemllm.pipeline.core.files import write_json_atomic
-from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples
-from facemllm.reformatters.qa import LETTERS, lettered
+from facemllm.reformatters.qa import lettered
 from facemllm.reformatters.templates import NO, SINGLE_CHOICE_INSTRUCTIONS, YES
 from facemllm.schemas import StrictModel
 from facemllm.schemas.annotation import FaceAnnotation, FaceAttributes
 from facemllm.schemas.qa import AnswerStyle, QALabel, Turn
 from facemllm.schemas.records import Record
+from facemllm.schemas.vocab import (
+    AGE_BAND_BOUNDS,
+    ANNOTATION_AGE_BANDS,
+    BASIC_EXPRESSIONS,
+    FACE_SHAPES,
+    OPTION_LETTERS,
+    PerceivedGender,
+)
 
 IMAGE_TOKEN = "<image>"
 CAPTION_DATASET = "laion_face_caption"
@@ -101,39 +103,30 @@ class Task:
         self.name, self.ask, self.yes_no, self.answer, self.phrases = name, ask, yes_no, answer, phrases
 
 
-EXPRESSIONS = {
-    "neutral": "a neutral expression",
-    "happiness": "happiness",
-    "sadness": "sadness",
-    "surprise": "surprise",
-    "fear": "fear",
-    "disgust": "disgust",
-    "anger": "anger",
-}
+# the phrases questions and answers use for each value of a vocabulary
+EXPRESSION_PHRASES = {e: "a neutral expression" if e == "neutral" else e for e in BASIC_EXPRESSIONS}
+AGE_BAND_PHRASES = dict(
+    zip(
+        ANNOTATION_AGE_BANDS,
+        [*(f"{lo} to {hi} years old" for lo, hi in AGE_BAND_BOUNDS), "70 years old or older"],
+        strict=True,
+    )
+)
+GENDER_PHRASES = {g: g for g in get_args(PerceivedGender) if g != "unclear"}  # "unclear" is never asked about
 CATEGORICAL: dict[str, Task] = {
     "expression": Task(
         "expression",
         ("What facial expression does this person show?", "Which emotion does this face express?"),
         ("Does this face show {phrase}? Answer yes or no.",),
         "The face shows {phrase}.",
-        EXPRESSIONS,
+        EXPRESSION_PHRASES,
     ),
     "age_band": Task(
         "age_band",
         ("How old does this person appear to be?", "Which age range does this person appear to fall into?"),
         ("Does this person appear to be {phrase}? Answer yes or no.",),
         "The person appears to be {phrase}.",
-        {
-            "0-2": "0 to 2 years old",
-            "3-9": "3 to 9 years old",
-            "10-19": "10 to 19 years old",
-            "20-29": "20 to 29 years old",
-            "30-39": "30 to 39 years old",
-            "40-49": "40 to 49 years old",
-            "50-59": "50 to 59 years old",
-            "60-69": "60 to 69 years old",
-            "70+": "70 years old or older",
-        },
+        AGE_BAND_PHRASES,
     ),
     "gender": Task(
         "gender",
@@ -143,7 +136,7 @@ CATEGORICAL: dict[str, Task] = {
         ),
         ("Does this person appear to present as {phrase}? Answer yes or no.",),
         "The person appears to present as {phrase}.",
-        {"female": "female", "male": "male"},
+        GENDER_PHRASES,
     ),
     "hair_color": Task(
         "hair_color",
@@ -191,7 +184,7 @@ CATEGORICAL: dict[str, Task] = {
         ("What is the shape of this person's face?", "Describe the overall face shape of the person shown."),
         ("Does this person have {phrase}? Answer yes or no.",),
         "The person has {phrase}.",
-        {s: f"a {s} face" for s in ("oval", "round", "square", "heart", "long", "diamond", "triangle")},
+        {s: f"a {s} face" for s in FACE_SHAPES},
     ),
 }
 # binary attributes: (group, field) -> the predicate a yes/no question asks about
@@ -338,7 +331,7 @@ class LaionFaceQABuilder:
             index = rng.randrange(len(spec.ask))
             instruction = rng.randrange(len(SINGLE_CHOICE_INSTRUCTIONS))
             question = f"{spec.ask[index]}\n{lettered([spec.phrases[o] for o in options])}\n{SINGLE_CHOICE_INSTRUCTIONS[instruction]}"
-            answer = LETTERS[options.index(truth)]
+            answer = OPTION_LETTERS[options.index(truth)]
             label = QALabel(truth=[truth], options=options, answer=answer)
             return "multiple_choice", f"{task}/multiple_choice/{index}-{instruction}", question, answer, label
         candidate = truth if rng.random() < 0.5 else rng.choice([v for v in spec.phrases if v != truth])
@@ -385,105 +378,3 @@ class LaionFaceQABuilder:
             sample_id=-1 if annotation.sample_id is None else annotation.sample_id,
             annotator=annotation.provenance.model,
         )
-
-
-def reformat_shard(tar: Path, out: Path, config: LaionFaceQAConfig) -> dict:
-    """One annotation shard -> its caption and VQA shards (per split); returns the shard's counts."""
-    builder = LaionFaceQABuilder(config)
-    writers: dict[tuple[str, str], ShardWriter] = {}
-    counts: Counter = Counter()
-    written: Counter = Counter()
-
-    def write(sample: LaionFaceQASample, image: bytes) -> None:
-        slot = (sample.dataset, sample.split)
-        if slot not in writers:
-            writers[slot] = ShardWriter(out / sample.dataset / sample.split / tar.name)
-        writers[slot].add(sample.key, {"jpg": image, "json": sample.model_dump_json(by_alias=True).encode()})
-        written[f"{sample.dataset}/{sample.split}"] += 1
-
-    try:
-        for key, members in iter_tar_samples(tar):
-            counts["faces"] += 1
-            image = members.get("jpg")
-            try:
-                annotation = FaceAnnotation.model_validate_json(members.get("json", b""))
-            except ValidationError:
-                counts["skipped_bad_annotation"] += 1
-                continue
-            if image is None:
-                counts["skipped_no_image"] += 1
-                continue
-            split = builder.split(annotation.key)
-            if len(annotation.caption.strip()) >= config.min_caption_chars:
-                write(builder.caption(annotation, split), image)
-                counts["captioned"] += 1
-            else:
-                counts["caption_skipped_short"] += 1
-            questions = builder.questions(annotation, split)
-            if annotation.attributes is None:
-                counts["vqa_skipped_no_attributes"] += 1
-            for sample in questions:
-                write(sample, image)
-            counts["questions"] += len(questions)
-            if key != annotation.key:
-                counts["key_mismatch"] += 1
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-    for writer in writers.values():
-        writer.close()
-    return {
-        "shard": tar.name,
-        "config": config.config_hash(),
-        "counts": dict(counts),
-        "written": dict(written),
-    }
-
-
-def reformat_annotations(
-    annotations: str | Path, out: str | Path, config: LaionFaceQAConfig | None = None
-) -> dict:
-    """Every annotation shard of ``annotations`` -> QA shards under ``out``; completed shards are skipped."""
-    config = config or LaionFaceQAConfig()
-    annotations, out = Path(annotations), Path(out)
-    tars = sorted(p for p in annotations.glob("*.tar") if p.stem.isdigit())
-    if not tars:
-        raise FileNotFoundError(f"no annotation shards (NNNNN.tar) in {annotations}")
-    totals: Counter = Counter()
-    sizes: dict[str, dict[str, int]] = {}
-    reused = 0
-    for tar in tars:
-        marker = out / MARKERS / f"{tar.stem}_stats.json"
-        stats = json.loads(marker.read_text()) if marker.is_file() else None
-        if stats is None or stats.get("config") != config.config_hash():
-            stats = reformat_shard(tar, out, config)
-            write_json_atomic(marker, stats)
-        else:
-            reused += 1
-        totals.update(stats["counts"])
-        for folder, n in stats["written"].items():
-            sizes.setdefault(folder, {})[tar.name] = n
-    for folder, counts in sizes.items():
-        write_json_atomic(out / folder / "sizes.json", counts)
-    return {
-        "shards": len(tars),
-        "reused": reused,
-        "counts": dict(totals),
-        "samples": {k: sum(v.values()) for k, v in sizes.items()},
-    }
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("annotations")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    print(json.dumps(reformat_annotations(args.annotations, args.out), indent=2, sort_keys=True))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

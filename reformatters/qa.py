@@ -23,8 +23,8 @@ from facemllm.reformatters.templates import (
     YES,
 )
 from facemllm.schemas import AnswerStyle, QALabel, QATask, SourceDataset
+from facemllm.schemas.vocab import OPTION_LETTERS
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 ANSWER_STYLES: tuple[AnswerStyle, ...] = ("open", "multiple_choice", "yes_no")
 
 
@@ -72,7 +72,7 @@ class QAPair:
 
 
 def lettered(options: Sequence[str]) -> str:
-    return "\n".join(f"{letter}. {text}" for letter, text in zip(LETTERS, options, strict=False))
+    return "\n".join(f"{letter}. {text}" for letter, text in zip(OPTION_LETTERS, options, strict=False))
 
 
 class QABuilder:
@@ -128,7 +128,7 @@ class QABuilder:
         drawn = [truth, *rng.sample(distractors, min(self.config.choices - 1, len(distractors)))]
         texts = {value: space[value].option for value in drawn}
         options, template_id, question = self._lettered(rng, task, drawn, texts, SINGLE_CHOICE_INSTRUCTIONS)
-        answer = LETTERS[options.index(truth)]
+        answer = OPTION_LETTERS[options.index(truth)]
         label = QALabel(answer=answer, truth=[truth], options=options)
         return QAPair(task, "multiple_choice", template_id, question, answer, label)
 
@@ -137,7 +137,9 @@ class QABuilder:
     ) -> QAPair:
         """Lettered options of which any number (possibly none) apply; ``options`` are shuffled here."""
         options, template_id, question = self._lettered(rng, task, options, texts, MULTI_CHOICE_INSTRUCTIONS)
-        answer = ", ".join(LETTERS[i] for i, o in enumerate(options) if o in correct) or NO_OPTION_APPLIES
+        answer = (
+            ", ".join(OPTION_LETTERS[i] for i, o in enumerate(options) if o in correct) or NO_OPTION_APPLIES
+        )
         label = QALabel(answer=answer, truth=[o for o in options if o in correct], options=options)
         return QAPair(task, "multiple_choice", template_id, question, answer, label)
 

@@ -12,28 +12,15 @@ from pathlib import Path, PurePosixPath
 from facemllm.reformatters.base import DatasetReformatter, InputRow, Rejection, safe_relative
 from facemllm.reformatters.config import QAConfig
 from facemllm.reformatters.qa import Category, LabelSpace, QAPair
+from facemllm.schemas.vocab import RAFDB_EXPRESSION_IDS
 
 LABEL_FILES = ("EmoLabel/list_patition_label.txt", "EmoLabel/list_partition_label.txt")
 SPLIT_PREFIXES = {"train_": "train", "test_": "test"}
-EXPRESSION_CODES = {
-    "1": "surprise",
-    "2": "fear",
-    "3": "disgust",
-    "4": "happiness",
-    "5": "sadness",
-    "6": "anger",
-    "7": "neutral",
-}
 EXPRESSIONS = LabelSpace(
-    [
-        Category("surprise", "Surprise", "surprise"),
-        Category("fear", "Fear", "fear"),
-        Category("disgust", "Disgust", "disgust"),
-        Category("happiness", "Happiness", "happiness"),
-        Category("sadness", "Sadness", "sadness"),
-        Category("anger", "Anger", "anger"),
-        Category("neutral", "Neutral", "a neutral expression"),
-    ]
+    Category(
+        expression, expression.capitalize(), "a neutral expression" if expression == "neutral" else expression
+    )
+    for expression in RAFDB_EXPRESSION_IDS.values()
 )
 
 
@@ -73,7 +60,7 @@ class RAFDBReformatter(DatasetReformatter[str]):
             )
         image = self.image_path(name)
         split = next((s for prefix, s in SPLIT_PREFIXES.items() if name.startswith(prefix)), None)
-        if code not in EXPRESSION_CODES:
+        if code not in RAFDB_EXPRESSION_IDS:
             return InputRow(
                 index, source, image, split, rejection=Rejection("unknown_label", f"label {code!r}")
             )
@@ -84,7 +71,7 @@ class RAFDBReformatter(DatasetReformatter[str]):
                 image,
                 rejection=Rejection("no_split", f"{name} starts with neither train_ nor test_"),
             )
-        return InputRow(index, source, image, split, EXPRESSION_CODES[code])
+        return InputRow(index, source, image, split, RAFDB_EXPRESSION_IDS[code])
 
     def qa_pairs(self, row: InputRow[str]) -> list[tuple[str, QAPair]]:
         return [

@@ -20,21 +20,16 @@ from collections import defaultdict
 from dataclasses import replace
 
 from facemllm.reformatters.base import DatasetReformatter, InputRow, Rejection
-from facemllm.reformatters.demographics import PerceivedDemographics, age_band, demographic_pairs
+from facemllm.reformatters.demographics import PerceivedDemographics, demographic_pairs
 from facemllm.reformatters.qa import Category, LabelSpace, QAPair
+from facemllm.schemas.vocab import UTKFACE_GENDER_IDS, UTKFACE_RACE_IDS, age_band
 
 NAME = re.compile(r"(?P<age>\d+)_(?P<gender>\d+)_(?P<race>\d+)_(?P<taken>\d+)\.jpg(?:\.chip\.jpg)?")
 MAX_AGE = 116
-GENDER_CODES = {"0": "male", "1": "female"}
-RACE_CODES = {"0": "white", "1": "black", "2": "asian", "3": "indian", "4": "other"}
+OTHER_RACE = "of another race (not White, Black, Asian or Indian)"
 RACES = LabelSpace(
-    [
-        Category("white", "White", "White"),
-        Category("black", "Black", "Black"),
-        Category("asian", "Asian", "Asian"),
-        Category("indian", "Indian", "Indian"),
-        Category("other", "Other", "of another race (not White, Black, Asian or Indian)"),
-    ]
+    Category(race, race.capitalize(), OTHER_RACE if race == "other" else race.capitalize())
+    for race in UTKFACE_RACE_IDS.values()
 )
 
 
@@ -56,10 +51,12 @@ class UTKFaceReformatter(DatasetReformatter[PerceivedDemographics]):
                 rejection=Rejection("bad_name", "not [age]_[gender]_[race]_[date&time].jpg"),
             )
         age, gender, race = int(match["age"]), match["gender"], match["race"]
-        if age > MAX_AGE or gender not in GENDER_CODES or race not in RACE_CODES:
+        if age > MAX_AGE or gender not in UTKFACE_GENDER_IDS or race not in UTKFACE_RACE_IDS:
             detail = f"age {age} (0-{MAX_AGE}), gender {gender} (0-1), race {race} (0-4)"
             return InputRow(index, path, path, rejection=Rejection("unknown_label", detail))
-        labels = PerceivedDemographics(age_band(age), GENDER_CODES[gender], RACE_CODES[race], age=age)
+        labels = PerceivedDemographics(
+            age_band(age), UTKFACE_GENDER_IDS[gender], UTKFACE_RACE_IDS[race], age=age
+        )
         return InputRow(index, path, path, label=labels)
 
     def _assign_splits(

@@ -5,6 +5,7 @@ from facemllm.schemas.export import export_json_schemas
 from facemllm.schemas.qa import (
     QA_RECORDS,
     AnswerStyle,
+    LaionFaceQAStatus,
     QALabel,
     QASample,
     QATask,
@@ -43,6 +44,7 @@ __all__ = [
     "FaceDetection",
     "FaceRecord",
     "FaceStatus",
+    "LaionFaceQAStatus",
     "LaionRow",
     "PublishedManifest",
     "QALabel",

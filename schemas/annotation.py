@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from facemllm.schemas.records import Record, StrictModel
+from facemllm.schemas.vocab import AgeBand, BasicExpression, FaceShapeName, PerceivedGender
 
 
 class _Group(StrictModel):
@@ -68,9 +69,6 @@ class Makeup(_Group):
     rosy_cheeks: bool = _flag("CelebA Rosy_Cheeks")
 
 
-FaceShapeName = Literal["oval", "round", "square", "heart", "long", "diamond", "triangle"]
-
-
 class FaceShape(_Group):
     shape: FaceShapeName = Field(description="overall face shape")
     oval_face: bool = _flag("CelebA Oval_Face")
@@ -87,16 +85,10 @@ class FaceShape(_Group):
     pale_skin: bool = _flag("CelebA Pale_Skin")
 
 
-BasicExpression = Literal["neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger"]
-
-
 class Expression(_Group):
     basic: BasicExpression = Field(description="the dominant of the seven basic expressions (RAF-DB's set)")
     smiling: bool = _flag("CelebA Smiling")
     mouth_slightly_open: bool = _flag("CelebA Mouth_Slightly_Open")
-
-
-AgeBand = Literal["0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+"]
 
 
 class Perceived(_Group):
@@ -104,7 +96,7 @@ class Perceived(_Group):
 
     age_years: int = Field(ge=0, le=100, description="perceived age in years")
     age_band: AgeBand = Field(description="perceived age band (FairFace's bins)")
-    gender: Literal["female", "male", "unclear"] = Field(description="perceived gender presentation")
+    gender: PerceivedGender = Field(description="perceived gender presentation")
     young: bool = _flag("CelebA Young (perceived)")
     male: bool = _flag("CelebA Male (perceived)")
     attractive: bool = _flag("CelebA Attractive (a subjective CelebA label, kept for compatibility)")

@@ -129,4 +129,20 @@ class ReformatStatus(Record):
     samples: int = Field(0, description="QA samples written for this row")
 
 
-QA_RECORDS: tuple[type[BaseModel], ...] = (Turn, QALabel, QASample, ReformatStatus)
+LaionFaceQAOutcome = Literal["success", "bad_annotation", "no_image"]
+
+
+class LaionFaceQAStatus(Record):
+    """The fate of one annotated face in the LAION-Face QA stage: a row of
+    ``qa/_laion_face/NNNNN.parquet``."""
+
+    key: str
+    url: str | None = None
+    sample_id: int | None = None
+    status: LaionFaceQAOutcome
+    error: str | None = None
+    captions: int = Field(0, description="stage-1 caption samples written (0 or 1)")
+    questions: int = Field(0, description="stage-2 VQA samples written")
+
+
+QA_RECORDS: tuple[type[BaseModel], ...] = (Turn, QALabel, QASample, ReformatStatus, LaionFaceQAStatus)

@@ -30,8 +30,8 @@ def served_sample(scrfd_dir, tmp_path_factory):
     Urls (and so shard bytes) contain the server's port: runs compared with each other must use
     this same server and sample.
     """
-    from facemllm.pipeline.demo_sample import build_demo_sample, package_photos
-    from facemllm.pipeline.sample_server import SampleServer
+    from facemllm.pipeline.demo.sample import build_demo_sample, package_photos
+    from facemllm.pipeline.demo.server import SampleServer
 
     photos = package_photos(scrfd_dir)
     # a little latency per request keeps the download stage busy long enough to be killed mid-way

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from facemllm.pipeline.reformat import load_reformat_config, run_reformat
+from facemllm.pipeline.stages.reformat import load_reformat_config, run_reformat
 from facemllm.training.config import load_train_config
 from facemllm.training.loop import train
 from tests.fixtures_datasets import build_celeba, build_fairface, build_rafdb, build_utkface

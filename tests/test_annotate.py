@@ -24,11 +24,12 @@ from facemllm.annotators.mllm_client import (
 from facemllm.annotators.prompts import available_prompts, load_prompt
 from facemllm.annotators.request_cache import RequestCache, request_key
 from facemllm.annotators.template_annotator import TemplateAnnotator
-from facemllm.pipeline.annotate import ANNOTATION_STATUS_SCHEMA, AnnotationShardProcessor
 from facemllm.pipeline.cli import build_parser, main
 from facemllm.pipeline.core.files import sha256_file
 from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples, shard_paths
-from facemllm.schemas.annotation import CELEBA_FIELDS, AnnotationStatus, FaceAnnotation, FaceAttributes
+from facemllm.pipeline.stages.annotate import AnnotateStage
+from facemllm.pipeline.stages.framework import execute_unit
+from facemllm.schemas.annotation import CELEBA_FIELDS, FaceAnnotation, FaceAttributes
 from facemllm.schemas.records import CropGeometry, FaceDetection, FaceRecord
 
 # list_attr_celeba.txt's header, in order (shared REFERENCE.md)
@@ -116,10 +117,6 @@ def test_response_schema_is_closed_and_constrainable():
                 assert "minimum" in prop and "maximum" in prop
     perceived = schema["$defs"]["Perceived"]["properties"]
     assert perceived["gender"]["enum"] == ["female", "male", "unclear"]
-
-
-def test_status_schema_matches_the_record():
-    assert ANNOTATION_STATUS_SCHEMA.names == list(AnnotationStatus.model_fields)
 
 
 def test_bundled_prompts_load_and_never_ask_for_identity():
@@ -251,8 +248,14 @@ def test_template_stage_writes_every_face_and_is_byte_identical_on_rerun(tmp_pat
         },
     )
     config = AnnotateConfig(annotator="template")
+
+    def annotate(output_dir: str) -> tuple[dict, bool]:
+        stage = AnnotateStage(config, output_dir=output_dir).bind(tmp_path)
+        stage.setup()
+        return execute_unit(stage, 3)
+
+    stats, _ = annotate("a")
     first = tmp_path / "a"
-    stats = AnnotationShardProcessor(config, first).process(3, faces)
     assert stats["faces"] == 3 and stats["annotated"] == 2
     assert stats["status"] == {"bad_input": 1, "success": 2} and stats["model"] == "template"
     paths = shard_paths(first, 3)
@@ -270,11 +273,11 @@ def test_template_stage_writes_every_face_and_is_byte_identical_on_rerun(tmp_pat
     assert samples["000030000_00"]["jpg"] == b"\xff\xd8jpeg-bytes-000030000_00"
     assert annotation.license == "CC-BY" and annotation.sample_id == 7
     second = tmp_path / "b"
-    AnnotationShardProcessor(config, second).process(3, faces)
+    annotate("b")
     for name in ("tar", "parquet"):
         assert sha256_file(paths[name]) == sha256_file(shard_paths(second, 3)[name])
     before = paths["tar"].stat().st_mtime_ns
-    assert AnnotationShardProcessor(config, first).process(3, faces) == stats  # done: marker trusted
+    assert annotate("a") == (stats, True)  # done: marker trusted
     assert paths["tar"].stat().st_mtime_ns == before
 
 

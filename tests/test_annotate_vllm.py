@@ -23,9 +23,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from facemllm.annotators.faces import FaceConfig
-from facemllm.pipeline.annotate import AnnotationShardProcessor
 from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples, shard_paths
-from facemllm.pipeline.faces import FaceShardProcessor
+from facemllm.pipeline.stages.annotate import AnnotateStage
+from facemllm.pipeline.stages.faces import FaceStage
+from facemllm.pipeline.stages.framework import execute_unit
 from facemllm.schemas.annotation import AnnotationStatus, FaceAnnotation, FaceAttributes
 from tests.conftest import subprocess_env
 from tests.faultproxy_http import FaultProxy, image_hash
@@ -42,7 +43,8 @@ def faces_dir(tmp_path_factory, scrfd_dir) -> Path:
     """Two face shards from the real face stage: t1.jpg's 6 faces (+ a mask photo: none), then
     Newton's and the astronaut's faces."""
     root = tmp_path_factory.mktemp("annotate-input")
-    processor = FaceShardProcessor(FaceConfig(), root / "faces")
+    stage = FaceStage(FaceConfig()).bind(root)
+    stage.setup()
     photos = {0: [insightface_t1(), insightface_masks()[0]], 1: [scrfd_photo("newton.png"), skimage_photo()]}
     for shard_id, paths in photos.items():
         images = root / "images" / f"{shard_id:05d}.tar"
@@ -57,7 +59,7 @@ def faces_dir(tmp_path_factory, scrfd_dir) -> Path:
                     f"{shard_id:05d}{index:04d}",
                     {"jpg": path.read_bytes(), "json": json.dumps(meta).encode()},
                 )
-        processor.process(shard_id, images)
+        execute_unit(stage, shard_id)
     return root / "faces"
 
 
@@ -174,8 +176,9 @@ def test_faults_are_retried_or_recorded_and_no_face_is_lost(vllm_server, faces_d
     with FaultProxy(vllm_server, plan_for(faults), hold_s=16) as proxy:
         config = config.model_copy(update={"endpoint": proxy.url})
         annotations = tmp_path / "annotations"
-        processor = AnnotationShardProcessor(config, annotations, base_url=proxy.url)
-        stats = [processor.process(shard_id, shard_paths(faces_dir, shard_id)["tar"]) for shard_id in (0, 1)]
+        stage = AnnotateStage(config, input_dir=str(faces_dir), base_url=proxy.url).bind(tmp_path)
+        stage.setup()
+        stats = [execute_unit(stage, shard_id)[0] for shard_id in (0, 1)]
         per_image = proxy.requests_per_image()
 
     rows = {row["key"]: row for row in status_rows(annotations)}
@@ -275,9 +278,8 @@ def test_run_inference_model_handler(vllm_server, faces_dir):
     from apache_beam.ml.inference.base import RunInference
     from apache_beam.testing.util import assert_that
 
-    from facemllm.pipeline.annotate import FaceAnnotationModelHandler
-    from facemllm.pipeline.config import RunnerConfig
-    from facemllm.pipeline.runners import make_runner, pipeline_options
+    from facemllm.pipeline.runners import RunnerConfig, make_runner, pipeline_options
+    from facemllm.pipeline.stages.annotate import FaceAnnotationModelHandler
 
     faces = face_samples(faces_dir)
     elements = [(key, faces[key]["jpg"]) for key in sorted(faces)[:3]]

@@ -128,8 +128,7 @@ def test_missing_id_list_is_reported_before_the_pipeline_starts(tmp_path):
 def test_direct_runner_is_the_fn_api_runner_never_prism():
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-    from facemllm.pipeline.config import RunnerConfig
-    from facemllm.pipeline.runners import make_runner, pipeline_options
+    from facemllm.pipeline.runners import RunnerConfig, make_runner, pipeline_options
 
     assert isinstance(make_runner(RunnerConfig()), FnApiRunner)
     options = pipeline_options(RunnerConfig()).get_all_options()

@@ -17,7 +17,7 @@ from facemllm.evaluation.run import evaluate
 from facemllm.pipeline.cli import main
 from facemllm.pipeline.core.shards import iter_tar_samples
 from facemllm.pipeline.core.storage import StorageOptions
-from facemllm.pipeline.publish import publish
+from facemllm.pipeline.publishing.publish import publish
 from facemllm.schemas import RunManifest
 from facemllm.schemas.evaluation import EVAL_TASKS, EvalResult, Prediction
 from tests.eval_fixture import build_qa, train_stage3

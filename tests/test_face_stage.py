@@ -11,29 +11,38 @@ import pytest
 
 from facemllm.annotators.faces import FaceConfig
 from facemllm.pipeline.core.shards import ShardWriter, UnsafeTarError, iter_tar_samples, shard_paths
-from facemllm.pipeline.faces import FACE_STATUS_SCHEMA, FaceShardProcessor
+from facemllm.pipeline.stages.faces import FaceStage
+from facemllm.pipeline.stages.framework import execute_unit
 from facemllm.schemas import FaceRecord, FaceStatus
+from facemllm.schemas.tables import arrow_schema
 from tests.photos import insightface_masks, insightface_t1
 
 
-@pytest.fixture(scope="module")
-def processor(tmp_path_factory, scrfd_dir):
-    return FaceShardProcessor(FaceConfig(), tmp_path_factory.mktemp("faces"))
+@pytest.fixture
+def stage(tmp_path, scrfd_dir):
+    stage = FaceStage(FaceConfig()).bind(tmp_path)
+    stage.setup()
+    return stage
 
 
-def test_status_schema_matches_the_record():
-    assert FACE_STATUS_SCHEMA.names == list(FaceStatus.model_fields)
+def test_status_table_has_a_column_per_record_field(stage, tmp_path):
+    with ShardWriter(shard_paths(tmp_path / "images", 3)["tar"]) as writer:
+        writer.add("000030000", {"jpg": insightface_t1().read_bytes(), "json": b"{}"})
+    execute_unit(stage, 3)
+    table = pq.read_table(stage.status_table(3))
+    assert table.schema == arrow_schema(FaceStatus) and table.column_names == list(FaceStatus.model_fields)
 
 
-def test_shard_gets_faces_a_status_per_image_and_a_marker(processor, tmp_path):
-    images = tmp_path / "00007.tar"
+def test_shard_gets_faces_a_status_per_image_and_a_marker(stage, tmp_path):
+    images = shard_paths(tmp_path / "images", 7)["tar"]
     sources = {"000070000": insightface_t1(), "000070001": insightface_masks()[0]}
     with ShardWriter(images) as writer:
         for key, path in sources.items():
             meta = {"url": f"http://host/{path.name}", "SAMPLE_ID": 7, "caption": "alt", "LICENSE": "?"}
             writer.add(key, {"jpg": path.read_bytes(), "json": json.dumps(meta).encode()})
-    stats = processor.process(7, images)
-    paths = shard_paths(processor.faces_dir, 7)
+    stats, skipped = execute_unit(stage, 7)
+    paths = shard_paths(tmp_path / "faces", 7)
+    assert not skipped
     assert stats == json.loads(paths["stats"].read_text())
     assert stats["images"] == 2 and stats["faces"] == 6 and stats["status"] == {"success": 1, "no_face": 1}
     rows = pq.read_table(paths["parquet"]).to_pylist()
@@ -43,21 +52,22 @@ def test_shard_gets_faces_a_status_per_image_and_a_marker(processor, tmp_path):
     record = FaceRecord.model_validate_json(faces[0][1]["json"])
     assert record.caption == "alt" and record.license == "?" and record.sample_id == 7
     before = paths["tar"].read_bytes()
-    assert processor.process(7, images) == stats  # done: the marker is trusted, nothing rewritten
+    assert execute_unit(stage, 7) == (stats, True)  # done: the marker is trusted, nothing rewritten
     assert paths["tar"].read_bytes() == before
 
 
 @pytest.mark.parametrize("name", ["../../etc/evil.jpg", "/abs/evil.jpg"])
-def test_hostile_image_tar_is_rejected_and_leaves_no_shard(processor, tmp_path, name):
+def test_hostile_image_tar_is_rejected_and_leaves_no_shard(stage, tmp_path, name):
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         info = tarfile.TarInfo(name)
         payload = insightface_t1().read_bytes()
         info.size = len(payload)
         tar.addfile(info, io.BytesIO(payload))
-    images = tmp_path / "00009.tar"
+    images = shard_paths(tmp_path / "images", 9)["tar"]
+    images.parent.mkdir(parents=True)
     images.write_bytes(buffer.getvalue())
     with pytest.raises(UnsafeTarError):
-        processor.process(9, images)
-    assert not any(path.exists() for path in shard_paths(processor.faces_dir, 9).values())
-    assert not list(processor.faces_dir.glob(".*tmp*"))
+        execute_unit(stage, 9)
+    assert not any(path.exists() for path in shard_paths(tmp_path / "faces", 9).values())
+    assert not list((tmp_path / "faces").glob(".*tmp*"))

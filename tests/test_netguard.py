@@ -23,15 +23,15 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from facemllm.pipeline.demo_sample import package_photos
-from facemllm.pipeline.netguard import (
+from facemllm.pipeline.demo.sample import package_photos
+from facemllm.pipeline.demo.server import SampleServer
+from facemllm.pipeline.stages.netguard import (
     DestinationPolicy,
     RefusedDestination,
     address_category,
     check_destination,
     install_guarded_opener,
 )
-from facemllm.pipeline.sample_server import SampleServer
 
 DEFAULT = DestinationPolicy()
 LOOPBACK_OK = DestinationPolicy(allow_loopback=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import yaml
 
 from facemllm.pipeline.core.files import sha256_file
 from facemllm.pipeline.core.shards import iter_tar_samples
-from facemllm.pipeline.demo import demo_config, expected_counts, observed_counts
+from facemllm.pipeline.demo.run import demo_config, expected_counts, observed_counts
 from facemllm.schemas import DownloadStatus, FaceRecord, FaceStatus, RunManifest
 from tests.conftest import subprocess_env
 
@@ -176,3 +177,32 @@ def test_portable_runner_gives_the_same_manifest(served_sample, reference, tmp_p
         manifest = finish_run(write_config(sample, tmp_path / "out", overrides))
     assert manifest == expected
     assert Counter(manifest.stages["faces"].counts) == Counter(expected.stages["faces"].counts)
+
+
+def test_laion_face_qa_stage_reads_the_annotations_and_writes_datasets_with_manifests(
+    served_sample, reference, tmp_path
+):
+    """`stages: [laion_face_qa]` on a finished run: a status row per annotated face, the caption
+    dataset with a manifest and sizes (what publish, train and eval read), run manifest unchanged
+    for the earlier stages."""
+    _, sample = served_sample
+    source, expected = reference
+    out = tmp_path / "out"
+    shutil.copytree(source, out)
+    manifest = finish_run(write_config(sample, out, ["stages=[laion_face_qa]"]))
+    assert manifest.stages["annotations"] == expected.stages["annotations"]
+    faces = expected.stages["annotations"].counts["success"]
+    rows = [
+        row
+        for path in sorted((out / "qa" / "_laion_face").glob("*.parquet"))
+        for row in pq.read_table(path).to_pylist()
+    ]
+    assert len(rows) == faces and {row["status"] for row in rows} == {"success"}
+    caption = RunManifest.model_validate_json(
+        (out / "qa" / "laion_face_caption" / "manifest.json").read_text()
+    )
+    written = sum(s.nsamples for name, m in caption.stages.items() if name.count("/") == 2 for s in m.shards)
+    assert written == sum(row["captions"] for row in rows) > 0
+    for stage in caption.stages.values():
+        for shard in stage.shards:
+            assert sha256_file(out / "qa" / "laion_face_caption" / shard.url) == shard.sha256

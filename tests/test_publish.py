@@ -26,18 +26,17 @@ from PIL import Image
 from facemllm.pipeline.core.files import write_json_atomic
 from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples, shard_info
 from facemllm.pipeline.core.storage import MIB, Storage, StorageOptions, enable_webdataset_urls
-from facemllm.pipeline.publish import (
+from facemllm.pipeline.publishing.layout import (
     CURRENT_MANIFEST,
-    RemovalRequest,
-    publish,
     read_manifest,
-    remove,
     shard_urls,
-    verify,
     version_manifest_name,
     version_sizes_name,
     wids_index_name,
 )
+from facemllm.pipeline.publishing.publish import publish
+from facemllm.pipeline.publishing.remove import RemovalRequest, remove
+from facemllm.pipeline.publishing.verify import verify
 from facemllm.schemas import PublishedManifest, RunManifest, ShardManifest
 from tests.conftest import subprocess_env
 from tests.faultproxy import FaultProxy

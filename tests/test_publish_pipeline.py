@@ -16,8 +16,9 @@ import yaml
 
 from facemllm.pipeline.core.shards import iter_tar_samples
 from facemllm.pipeline.core.storage import STAGING_ENV, Storage, StorageOptions, local_folder
-from facemllm.pipeline.demo import demo_config, expected_counts, observed_counts
-from facemllm.pipeline.publish import RemovalRequest, remove, verify
+from facemllm.pipeline.demo.run import demo_config, expected_counts, observed_counts
+from facemllm.pipeline.publishing.remove import RemovalRequest, remove
+from facemllm.pipeline.publishing.verify import verify
 from facemllm.schemas import PublishedManifest, RunManifest
 from tests.conftest import subprocess_env
 

@@ -14,11 +14,12 @@ from pydantic import ValidationError
 from facemllm.reformatters import QAConfig, make_reformatter
 from facemllm.reformatters.base import ImageLoader, RowRejected
 from facemllm.reformatters.celeba_attributes import CELEBA_ATTRIBUTES
-from facemllm.reformatters.demographics import AGE_BANDS, GENDERS, age_band
-from facemllm.reformatters.qa import ANSWER_STYLES, LETTERS, QABuilder
+from facemllm.reformatters.demographics import AGE_BANDS, GENDERS
+from facemllm.reformatters.qa import ANSWER_STYLES, QABuilder
 from facemllm.reformatters.rafdb import EXPRESSIONS
 from facemllm.reformatters.templates import TEMPLATES
 from facemllm.reformatters.utkface import RACES as UTK_RACES
+from facemllm.schemas.vocab import OPTION_LETTERS, age_band
 from tests.fixtures_datasets import build_celeba, build_fairface, celeba_attr_line
 from tests.photos import skimage_photo
 
@@ -64,8 +65,8 @@ def test_multiple_choice_options_come_from_the_label_space_in_shuffled_order():
         (pair,) = b.categorical(f"img{i}.jpg", "expression", truth, EXPRESSIONS)
         options = pair.label.options
         assert len(options) == len(set(options)) == 4 and set(options) <= set(EXPRESSIONS.values)
-        assert [options[LETTERS.index(pair.answer)]] == [truth] == pair.label.truth
-        for letter, option in zip(LETTERS, options, strict=False):
+        assert [options[OPTION_LETTERS.index(pair.answer)]] == [truth] == pair.label.truth
+        for letter, option in zip(OPTION_LETTERS, options, strict=False):
             assert f"\n{letter}. {EXPRESSIONS[option].option}" in pair.question
         letters[pair.answer] += 1
     assert set(letters) == set("ABCD") and min(letters.values()) > 25

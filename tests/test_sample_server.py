@@ -22,7 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from benchmarks._common import peak_rss_mb
-from facemllm.pipeline.demo_sample import (
+from facemllm.pipeline.demo.sample import (
     FAULT_EXPECTED_STATUS,
     LAION_SCHEMA,
     ROW_GROUP_SIZE,
@@ -31,8 +31,8 @@ from facemllm.pipeline.demo_sample import (
     build_demo_sample,
     package_photos,
 )
-from facemllm.pipeline.netguard import DestinationPolicy
-from facemllm.pipeline.sample_server import FAULT_ROUTES, PRIVATE_REDIRECT_TARGET, SampleServer
+from facemllm.pipeline.demo.server import FAULT_ROUTES, PRIVATE_REDIRECT_TARGET, SampleServer
+from facemllm.pipeline.stages.netguard import DestinationPolicy
 
 CLIENT_TIMEOUT_S = 2
 # cv2 refuses to decode images above this many pixels; 64 Mpx keeps every real photo and refuses
@@ -238,7 +238,7 @@ def _download_in_fresh_interpreter(feather_path: str, output_folder: str, report
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
 
-    from facemllm.pipeline.netguard import install_guarded_opener
+    from facemllm.pipeline.stages.netguard import install_guarded_opener
 
     install_guarded_opener(DestinationPolicy(allow_loopback=True))
     downloader = Downloader(

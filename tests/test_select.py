@@ -6,11 +6,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from facemllm.pipeline.config import SelectConfig
-from facemllm.pipeline.select import (
+from facemllm.pipeline.stages.framework import execute_unit
+from facemllm.pipeline.stages.select import (
     URL_SHARD_SCHEMA,
     IdListError,
-    LaionFaceSelector,
+    SelectConfig,
+    SelectStage,
     load_sample_ids,
     url_shard_path,
 )
@@ -97,8 +98,9 @@ def select(tmp_path, ids, **overrides):
     config = SelectConfig(
         metadata=[str(metadata)], ids="unused", batch_rows=5, samples_per_shard=8, **overrides
     )
-    selector = LaionFaceSelector(config, np.unique(np.asarray(ids, np.int64)), tmp_path / "urls")
-    return selector, selector.select_file(3, str(metadata))
+    stage = SelectStage(config, ["input 0", "input 1", "input 2", str(metadata)]).bind(tmp_path)
+    stage.sample_ids = np.unique(np.asarray(ids, np.int64))  # setup() would load config.ids
+    return stage, execute_unit(stage, 3)[0]
 
 
 def test_selects_members_in_order_and_shards(tmp_path):
@@ -131,10 +133,11 @@ def test_filters_count_each_reason(tmp_path):
 
 
 def test_rerun_trusts_marker(tmp_path):
-    selector, first = select(tmp_path, range(1000, 1010))
+    stage, first = select(tmp_path, range(1000, 1010))
     shard = url_shard_path(tmp_path / "urls", first["shards"][0])
     before = shard.stat().st_mtime_ns
-    assert selector.select_file(3, "ignored-because-done") == first
+    stage.metadata_files[3] = "ignored-because-done"
+    assert execute_unit(stage, 3) == (first, True)
     assert shard.stat().st_mtime_ns == before
 
 
@@ -146,7 +149,7 @@ def test_too_many_shards_is_a_config_error(tmp_path):
 def test_rejects_non_laion_parquet(tmp_path):
     pq.write_table(pa.table({"url": ["x"]}), tmp_path / "other.parquet")
     config = SelectConfig(metadata=[str(tmp_path / "other.parquet")], ids="unused")
+    stage = SelectStage(config, config.metadata).bind(tmp_path)
+    stage.sample_ids = np.array([1])
     with pytest.raises(ValueError, match="missing columns"):
-        LaionFaceSelector(config, np.array([1]), tmp_path / "urls").select_file(
-            0, str(tmp_path / "other.parquet")
-        )
+        execute_unit(stage, 0)

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from facemllm.pipeline.cli import main
 from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples
+from facemllm.pipeline.stages.laion_face_qa import run_laion_face_qa
 from facemllm.reformatters.laion_face import (
     BINARY,
     CATEGORICAL,
     LaionFaceQAConfig,
     LaionFaceQASample,
-    reformat_annotations,
 )
+from facemllm.schemas import LaionFaceQAStatus, RunManifest
 from facemllm.schemas.annotation import FaceAnnotation, FaceAttributes, Provenance
 from tests.photos import skimage_photo
 
@@ -99,17 +102,20 @@ def read_folder(folder: Path) -> list[LaionFaceQASample]:
 def test_annotations_become_caption_and_vqa_shards_with_every_face_counted(tmp_path):
     faces = write_annotation_shards(tmp_path / "annotations")
     config = LaionFaceQAConfig(vqa_per_face=5, val_fraction=0.0)
-    summary = reformat_annotations(tmp_path / "annotations", tmp_path / "qa", config)
-    counts = summary["counts"]
-    assert counts["faces"] == 5
-    assert counts["skipped_bad_annotation"] == 1
-    assert counts["captioned"] == 3 and counts["caption_skipped_short"] == 1
-    assert counts["vqa_skipped_no_attributes"] == 1
-    assert counts["questions"] == 3 * 5  # three faces carry attributes
-    assert (
-        counts["faces"]
-        == counts["captioned"] + counts["caption_skipped_short"] + counts["skipped_bad_annotation"]
-    )
+    manifests = run_laion_face_qa(tmp_path / "annotations", tmp_path / "qa", config)
+    rows = {
+        row["key"]: LaionFaceQAStatus.model_validate(row)
+        for table in sorted((tmp_path / "qa" / "_laion_face").glob("*.parquet"))
+        for row in pq.read_table(table).to_pylist()
+    }
+    assert sorted(rows) == [*faces, "000000005_00"]  # every face has a status row
+    assert rows["000000005_00"].status == "bad_annotation" and rows["000000005_00"].error
+    assert [rows[key].captions for key in faces] == [1, 1, 1, 0]  # the last caption is too short
+    assert [rows[key].questions for key in faces] == [5, 5, 0, 5]  # the template face has no attributes
+    assert manifests["laion_face_vqa"].stages["qa/laion_face_vqa/train"].counts["samples"] == 3 * 5
+    for dataset in ("laion_face_caption", "laion_face_vqa"):  # what publish and eval read
+        written = RunManifest.model_validate_json((tmp_path / "qa" / dataset / "manifest.json").read_text())
+        assert written.stages[f"qa/{dataset}"].counts == {"bad_annotation": 1, "faces": 5, "success": 4}
 
     captions = read_folder(tmp_path / "qa" / "laion_face_caption" / "train")
     assert [s.face_key for s in captions] == ["000000001_00", "000000002_00", "000000003_00"]
@@ -139,9 +145,10 @@ def test_annotations_become_caption_and_vqa_shards_with_every_face_counted(tmp_p
 
     # a rerun skips completed shards and changes nothing
     before = {p: p.read_bytes() for p in (tmp_path / "qa").rglob("*.tar")}
-    again = reformat_annotations(tmp_path / "annotations", tmp_path / "qa", config)
-    assert again["reused"] == 3 and again["counts"] == counts
+    markers = {p: p.stat().st_mtime_ns for p in (tmp_path / "qa" / "_laion_face").glob("*_stats.json")}
+    assert run_laion_face_qa(tmp_path / "annotations", tmp_path / "qa", config) == manifests
     assert {p: p.read_bytes() for p in (tmp_path / "qa").rglob("*.tar")} == before
+    assert {p: p.stat().st_mtime_ns for p in markers} == markers
 
 
 def test_split_is_by_face_and_command_line(tmp_path, capsys):
@@ -160,7 +167,7 @@ def test_split_is_by_face_and_command_line(tmp_path, capsys):
     )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["counts"]["faces"] == 5
+    assert summary["status"]["faces"] == 5
     by_face: dict[str, set[str]] = {}
     for folder in (tmp_path / "qa").glob("laion_face_*/*"):
         if folder.is_dir():

@@ -90,7 +90,7 @@ def tiny_annotate_config(endpoint: str, **overrides) -> AnnotateConfig:
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory):
     """The session's server, started by the annotate stage's managed mode; yields its base URL."""
-    from facemllm.pipeline.annotate import FaceAnnotationModelHandler
+    from facemllm.pipeline.stages.annotate import FaceAnnotationModelHandler
 
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     handler = FaceAnnotationModelHandler(AnnotateConfig(server=tiny_server_config(log), model=SERVED_NAME))

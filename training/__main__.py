@@ -5,9 +5,12 @@ torchrun --nproc_per_node 8 -m facemllm.training configs/stage2.yaml --set outpu
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-from facemllm.pipeline.cli import main
+from facemllm.training.command import add_arguments, run
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    parser = argparse.ArgumentParser(prog="python -m facemllm.training", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))

@@ -8,6 +8,7 @@ built here the same way for all of them.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -59,3 +60,15 @@ def load_yaml_config(
         data.update(loaded)
     data.update({key: value for key, value in (given or {}).items() if value is not None})
     return model.model_validate(apply_overrides(data, list(overrides)))
+
+
+def add_override_argument(parser: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE`` (repeatable) on any command that loads a config."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set download.timeout=5 --set runner.direct_num_workers=4",
+    )

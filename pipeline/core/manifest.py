@@ -53,6 +53,29 @@ def shard_stage_manifest(out: Path, stage: str) -> ShardManifest:
     return ShardManifest(stage=stage, shards=shards, counts=dict(sorted(counts.items())))
 
 
+def write_dataset_manifest(
+    dataset_dir: Path,
+    status_counts: dict[str, int],
+    shards: dict[str, list[ShardInfo]],
+    split_counts: dict[str, dict[str, int]],
+    config_hash: str,
+) -> RunManifest:
+    """A QA dataset's ``sizes.json`` per split, then its ``manifest.json`` (the commit point, last):
+    stage ``qa/<dataset>`` holds the status counts, ``qa/<dataset>/<split>`` each split's shards
+    (urls relative to the dataset folder) and sample counts, as ``publish`` and ``eval`` read them."""
+    name = f"qa/{dataset_dir.name}"
+    stages = {name: ShardManifest(stage=name, shards=[], counts=dict(sorted(status_counts.items())))}
+    for split in sorted(shards):
+        write_sizes(dataset_dir / split, shards[split])
+        counts = {"samples": sum(s.nsamples for s in shards[split]), **split_counts.get(split, {})}
+        stages[f"{name}/{split}"] = ShardManifest(
+            stage=f"{name}/{split}", shards=shards[split], counts=dict(sorted(counts.items()))
+        )
+    manifest = RunManifest(config_hash=config_hash, package_versions=package_versions(), stages=stages)
+    write_json_atomic(dataset_dir / "manifest.json", manifest.model_dump(mode="json"))
+    return manifest
+
+
 def select_manifest(out: Path) -> ShardManifest:
     counts: Counter[str] = Counter()
     for marker in sorted((out / "urls").glob("_select-*.json")):

@@ -345,12 +345,15 @@ class RunStore:
         if self.remote is not None and not path.exists():
             self.remote.download(self._rel(path), path)
 
-    def fetch_completed(self, marker: Path, *files: Path) -> None:
-        """Bring a unit completed in the store into the mirror: its files, then its marker."""
+    def fetch_completed(self, marker: Path, files_of: Callable[[dict], list[Path]]) -> None:
+        """Bring a unit completed in the store into the mirror: the files its marker vouches for
+        (``files_of(marker content)``), then the marker."""
         if self.remote is None or marker.exists() or not self.remote.exists(self._rel(marker)):
             return
-        for path in (*files, marker):
+        content = self.remote.read_bytes(self._rel(marker))
+        for path in files_of(json.loads(content)):
             self.remote.download(self._rel(path), path)
+        write_bytes_atomic(marker, content)
 
     def push_completed(self, marker: Path, *files: Path) -> None:
         """Upload a completed unit: its files, then its marker; a unit already in the store is skipped."""

@@ -5,24 +5,28 @@ kept when its SAMPLE_ID is in the id list and it passes the optional filters. Ke
 into url shards ``urls/part-NNNNN.parquet`` whose shard id is ``input_index * max_shards_per_input
 + chunk``, so every input file is an independent, parallel and deterministic unit of work.
 A marker ``urls/_select-NNNNN.json`` written last records the shards and the row counts of that
-input file: it is the completion marker a rerun trusts.
+input file: it is the completion marker a rerun trusts. Unit of work: one metadata file (its index
+in the sorted input list); downstream units: the url shards it wrote.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import Field
 
-from facemllm.pipeline.config import SelectConfig
-from facemllm.pipeline.core.files import write_json_atomic, write_parquet_atomic
+from facemllm.pipeline.core.files import write_parquet_atomic
+from facemllm.pipeline.stages.framework import Stage, UnitResult
+from facemllm.schemas import LaionRow, StrictModel
+from facemllm.schemas.tables import arrow_schema
 
 # LAION-400M metadata column -> LaionRow field
 LAION_COLUMNS = {
@@ -35,18 +39,29 @@ LAION_COLUMNS = {
     "NSFW": "nsfw",
     "similarity": "similarity",
 }
-URL_SHARD_SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.int64()),
-        ("url", pa.string()),
-        ("text", pa.string()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("license", pa.string()),
-        ("nsfw", pa.string()),
-        ("similarity", pa.float64()),
-    ]
-)
+URL_SHARD_SCHEMA = arrow_schema(LaionRow, exclude=("schema_version",))
+
+
+class SelectConfig(StrictModel):
+    """LAION-400M metadata + LAION-Face id list -> url shards."""
+
+    metadata: list[str] = Field(description="LAION-400M metadata parquet files (globs allowed)")
+    ids: str = Field(description="LAION-Face id list: .pth as published, .parquet (SAMPLE_ID) or .txt")
+    id_parts: list[int] | None = Field(None, description="parts of the id list to use; None = all")
+    trust_id_pickle: bool = Field(
+        False, description="allow full unpickling of a .pth id list that torch's safe loader refuses"
+    )
+    min_width: int = Field(0, ge=0)
+    min_height: int = Field(0, ge=0)
+    nsfw: list[Literal["UNLIKELY", "UNSURE", "NSFW"]] | None = Field(
+        None, description="NSFW tags to keep; None keeps all"
+    )
+    min_similarity: float | None = None
+    samples_per_shard: int = Field(10_000, gt=0, le=1_000_000)
+    batch_rows: int = Field(65_536, gt=0, description="rows read per streamed batch")
+    max_shards_per_input: int = Field(
+        1_000, gt=0, description="shard ids are input_index * this + chunk: a bound, not a target"
+    )
 
 
 class IdListError(ValueError):
@@ -140,22 +155,30 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     return sorted(files)
 
 
-class LaionFaceSelector:
-    """Streams one metadata file and writes its url shards (plain class, no Beam)."""
+class SelectStage(Stage):
+    """Streams one metadata file and writes its url shards."""
 
-    def __init__(self, config: SelectConfig, sample_ids: np.ndarray, urls_dir: Path):
+    name = "select"
+
+    def __init__(self, config: SelectConfig, metadata_files: list[str]):
         self.config = config
-        self.sample_ids = sample_ids
-        self.urls_dir = Path(urls_dir)
+        self.metadata_files = metadata_files
 
-    def marker_path(self, input_index: int) -> Path:
-        return self.urls_dir / f"_select-{input_index:05d}.json"
+    def setup(self) -> None:
+        self.sample_ids = load_sample_ids(self.config.ids, self.config.id_parts, self.config.trust_id_pickle)
 
-    def select_file(self, input_index: int, path: str) -> dict:
-        """Select from one file, unless its marker says it is already done; return the marker."""
-        marker = self.marker_path(input_index)
-        if marker.exists():
-            return json.loads(marker.read_text())
+    @property
+    def urls_dir(self) -> Path:
+        return self.root / "urls"
+
+    def marker(self, unit: int) -> Path:
+        return self.urls_dir / f"_select-{unit:05d}.json"
+
+    def outputs(self, unit: int, stats: dict) -> list[Path]:
+        return [url_shard_path(self.urls_dir, shard_id) for shard_id in stats["shards"]]
+
+    def process(self, unit: int) -> UnitResult:
+        path = self.metadata_files[unit]
         counts: Counter[str] = Counter()
         shard_ids: list[int] = []
         for chunk_index, rows in enumerate(self._chunks(path, counts)):
@@ -164,12 +187,18 @@ class LaionFaceSelector:
                     f"{path} yields more than select.max_shards_per_input={self.config.max_shards_per_input} "
                     "shards: raise it or select.samples_per_shard"
                 )
-            shard_id = input_index * self.config.max_shards_per_input + chunk_index
+            shard_id = unit * self.config.max_shards_per_input + chunk_index
             write_parquet_atomic(url_shard_path(self.urls_dir, shard_id), rows, URL_SHARD_SCHEMA)
             shard_ids.append(shard_id)
-        result = {"input": str(path), "input_index": input_index, "shards": shard_ids, "counts": dict(counts)}
-        write_json_atomic(marker, result)
-        return result
+        return UnitResult(
+            {"input": str(path), "input_index": unit, "shards": shard_ids, "counts": dict(counts)}
+        )
+
+    def counters(self, stats: dict) -> dict[str, int]:
+        return stats["counts"]
+
+    def downstream(self, unit: int, stats: dict) -> list[int]:
+        return stats["shards"]
 
     def _chunks(self, path: str, counts: Counter[str]) -> Iterator[list[dict]]:
         pending: list[dict] = []

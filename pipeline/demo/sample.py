@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from facemllm.pipeline.sample_server import PHOTO_PREFIX
+from facemllm.pipeline.demo.server import PHOTO_PREFIX
 
 METADATA_FILE = "laion400m-meta-part-00000.parquet"
 FACE_IDS_FILE = "laion_face_ids.pth"

@@ -9,6 +9,8 @@ only makes them safe to retry and kill:
 - its tar is in download-completion order with wall-clock mtimes; it is rewritten in key order
   with fixed headers so that a rerun produces the same bytes.
 - its status parquet gets a row for every input row (a row it lost is added as a failure).
+
+Unit of work: url shard N (``urls/part-NNNNN.parquet``) -> ``images/NNNNN.*``.
 - downloads go through an opener that refuses private, loopback and link-local destinations,
   redirects included, unless the config allows them; OpenCV's decoder is bounded so a file that
   declares a huge size fails instead of allocating gigabytes.
@@ -24,14 +26,17 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import Field
 
-from facemllm.pipeline.config import DownloadConfig
-from facemllm.pipeline.core.files import write_bytes_atomic, write_parquet_atomic
 from facemllm.pipeline.core.shards import SHARD_ID_DIGITS, repack_sorted, shard_paths
-from facemllm.pipeline.netguard import install_guarded_opener
+from facemllm.pipeline.stages.framework import Stage, UnitResult
+from facemllm.pipeline.stages.netguard import DestinationPolicy, install_guarded_opener
+from facemllm.pipeline.stages.select import url_shard_path
+from facemllm.schemas import StrictModel
 
 # url-shard column -> the name img2dataset receives and keeps in each sample's json
 # (LAION's own names, as the reference LAION-Face download keeps them).
@@ -44,6 +49,28 @@ IMG2DATASET_COLUMNS = {
     "url": "url",
 }
 OOM_SHARD_COUNT = SHARD_ID_DIGITS  # img2dataset names its shards with this many digits
+WORK_DIR = "_tmp"  # img2dataset's private folders under images/
+
+
+class DownloadConfig(StrictModel):
+    """img2dataset's Downloader and Resizer settings (its own names where it has them)."""
+
+    thread_count: int = Field(32, gt=0)
+    timeout: float = Field(10.0, gt=0)
+    retries: int = Field(0, ge=0)
+    resize_mode: Literal["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"] = "no"
+    image_size: int = Field(256, gt=0)
+    resize_only_if_bigger: bool = False
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=0, le=100)
+    min_image_size: int = Field(0, ge=0)
+    max_aspect_ratio: float = Field(float("inf"), gt=0)
+    max_image_pixels: int = Field(
+        8192 * 8192, gt=0, description="decompression-bomb bound applied before OpenCV decodes"
+    )
+    user_agent_token: str | None = "facemllm"
+    disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
+    destinations: DestinationPolicy = DestinationPolicy()
 
 
 def bound_decoder_pixels(max_pixels: int) -> None:
@@ -63,19 +90,23 @@ def bound_decoder_pixels(max_pixels: int) -> None:
         )
 
 
-class ImageShardDownloader:
-    """Runs img2dataset on one url shard, atomically and idempotently (plain class, no Beam)."""
+class DownloadStage(Stage):
+    """Runs img2dataset on one url shard, atomically and idempotently."""
 
-    def __init__(self, config: DownloadConfig, images_dir: Path, samples_per_shard: int):
+    name = "download"
+
+    def __init__(self, config: DownloadConfig, samples_per_shard: int):
+        self.config = config
+        self.samples_per_shard = samples_per_shard
+
+    def setup(self) -> None:
+        config = self.config
         bound_decoder_pixels(config.max_image_pixels)
         from img2dataset.downloader import Downloader
         from img2dataset.resizer import Resizer
         from img2dataset.writer import WebDatasetSampleWriter
 
         install_guarded_opener(config.destinations)
-        self.config = config
-        self.images_dir = Path(images_dir)
-        self.samples_per_shard = samples_per_shard
         resizer = Resizer(
             image_size=config.image_size,
             resize_mode=config.resize_mode,
@@ -97,7 +128,7 @@ class ImageShardDownloader:
             output_folder=output_folder,
             column_list=self.column_list,
             timeout=config.timeout,
-            number_sample_per_shard=samples_per_shard,
+            number_sample_per_shard=self.samples_per_shard,
             oom_shard_count=OOM_SHARD_COUNT,
             compute_hash="sha256",
             verify_hash_type=None,
@@ -107,15 +138,25 @@ class ImageShardDownloader:
             disallowed_header_directives=config.disallowed_header_directives,
         )
 
-    def is_done(self, shard_id: int) -> bool:
-        return shard_paths(self.images_dir, shard_id)["stats"].exists()
+    def paths(self, unit: int) -> dict[str, Path]:
+        return shard_paths(self.root / "images", unit)
 
-    def download(self, shard_id: int, url_shard: Path) -> dict:
-        """Download one shard unless already complete; return its stats (img2dataset's)."""
-        final = shard_paths(self.images_dir, shard_id)
-        if final["stats"].exists():
-            return json.loads(final["stats"].read_text())
-        work = self.images_dir / "_tmp" / f"{shard_id:05d}-{uuid.uuid4().hex[:8]}"
+    def marker(self, unit: int) -> Path:
+        return self.paths(unit)["stats"]
+
+    def status_table(self, unit: int) -> Path:
+        return self.paths(unit)["parquet"]
+
+    def outputs(self, unit: int, stats: dict) -> list[Path]:
+        return [self.paths(unit)["tar"], self.status_table(unit)]
+
+    def inputs(self, unit: int) -> list[Path]:
+        return [url_shard_path(self.root / "urls", unit)]
+
+    def process(self, unit: int) -> UnitResult:
+        """img2dataset in a private folder; its tar repacked in key order, its status completed."""
+        url_shard = self.inputs(unit)[0]
+        work = self.root / "images" / WORK_DIR / f"{unit:05d}-{uuid.uuid4().hex[:8]}"
         work.mkdir(parents=True)
         try:
             rows = pq.read_table(url_shard)
@@ -123,22 +164,18 @@ class ImageShardDownloader:
             table = rows.select(list(IMG2DATASET_COLUMNS)).rename_columns(self.column_list)
             with pa.OSFile(str(feather), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)
-            ok, _ = self._make_downloader(str(work))((shard_id, str(feather)))
+            ok, _ = self._make_downloader(str(work))((unit, str(feather)))
             if not ok:
-                raise RuntimeError(
-                    f"img2dataset failed on url shard {shard_id} ({url_shard}); see the log above"
-                )
-            produced = shard_paths(work, shard_id)
-            repack_sorted(produced["tar"], final["tar"])
-            self._complete_status(produced["parquet"], final["parquet"], shard_id, table)
-            stats_bytes = produced["stats"].read_bytes()
-            write_bytes_atomic(final["stats"], stats_bytes)  # completion marker, last
-            return json.loads(stats_bytes)
+                raise RuntimeError(f"img2dataset failed on url shard {unit} ({url_shard}); see the log above")
+            produced = shard_paths(work, unit)
+            repack_sorted(produced["tar"], self.paths(unit)["tar"])
+            statuses = self._complete_status(produced["parquet"], unit, table)
+            return UnitResult(json.loads(produced["stats"].read_bytes()), statuses)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def _complete_status(self, produced: Path, final: Path, shard_id: int, inputs: pa.Table) -> None:
-        """Sort img2dataset's status rows by key and add a failure row for any input it lost."""
+    def _complete_status(self, produced: Path, shard_id: int, inputs: pa.Table) -> pa.Table:
+        """img2dataset's status rows sorted by key, with a failure row for any input it lost."""
         status = pq.read_table(produced)
         rows = {row["key"]: row for row in status.to_pylist()}
         digits = math.ceil(math.log10(self.samples_per_shard))
@@ -152,4 +189,10 @@ class ImageShardDownloader:
                     "status": "failed_to_download",
                     "error_message": "lost by img2dataset (no status row written)",
                 }
-        write_parquet_atomic(final, [rows[key] for key in sorted(rows)], status.schema)
+        return pa.Table.from_pylist([rows[key] for key in sorted(rows)], status.schema)
+
+    def counters(self, stats: dict) -> dict[str, int]:
+        return {name: stats.get(name, 0) for name in ("successes", "failed_to_download", "failed_to_resize")}
+
+    def clean(self) -> None:
+        shutil.rmtree(self.root / "images" / WORK_DIR, ignore_errors=True)

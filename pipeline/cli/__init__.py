@@ -13,18 +13,9 @@ import logging
 import sys
 from pathlib import Path
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+from facemllm.pipeline.core.config import add_override_argument
 
-
-def _add_overrides(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set download.timeout=5 --set runner.direct_num_workers=4",
-    )
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -38,15 +29,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from facemllm.pipeline.demo import run_demo
+    from facemllm.pipeline.demo.run import run_demo
 
     return run_demo(Path(args.out), args.overrides)
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    from facemllm.pipeline.annotate import run_annotate
-    from facemllm.pipeline.annotate_cli import annotate_job_from_args
+    from facemllm.pipeline.cli.annotate import annotate_job_from_args
     from facemllm.pipeline.core.manifest import print_summary
+    from facemllm.pipeline.stages.annotate import run_annotate
     from facemllm.schemas import RunManifest
 
     annotate, runner = annotate_job_from_args(args)
@@ -67,7 +58,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 def cmd_reformat(args: argparse.Namespace) -> int:
     from facemllm.pipeline.core.manifest import print_summary
-    from facemllm.pipeline.reformat import load_reformat_config, run_reformat
+    from facemllm.pipeline.stages.reformat import load_reformat_config, run_reformat
 
     config = load_reformat_config(
         args.config,
@@ -100,14 +91,14 @@ def _storage_options(args: argparse.Namespace):
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from facemllm.pipeline.publish import publish
+    from facemllm.pipeline.publishing.publish import publish
 
     print(publish(Path(args.out), args.dest, _storage_options(args)).model_dump_json(indent=2))
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from facemllm.pipeline.publish import verify
+    from facemllm.pipeline.publishing.verify import verify
 
     report = verify(args.dest, _storage_options(args), args.version)
     for problem in report.problems:
@@ -117,21 +108,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from facemllm.pipeline.publish import RemovalRequest, remove
+    from facemllm.pipeline.publishing.remove import RemovalRequest, remove
 
     report = remove(args.dest, RemovalRequest.from_file(Path(args.ids)), _storage_options(args))
     print(report.model_dump_json(indent=2))
     return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from facemllm.training.config import load_train_config
-
-    config = load_train_config(args.config, args.overrides)  # a bad config stops before torch loads
-    from facemllm.training.loop import train
-
-    summary = train(config)
-    return 0 if summary["status"] in ("completed", "interrupted") else 1
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -163,11 +144,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_laion_face_qa(args: argparse.Namespace) -> int:
     from facemllm.pipeline.core.config import apply_overrides
-    from facemllm.reformatters.laion_face import LaionFaceQAConfig, reformat_annotations
+    from facemllm.pipeline.stages.laion_face_qa import run_laion_face_qa, summary
+    from facemllm.reformatters.laion_face import LaionFaceQAConfig
 
     config = LaionFaceQAConfig.model_validate(apply_overrides({}, args.overrides))
-    summary = reformat_annotations(args.annotations, args.out, config)
-    print(json.dumps(summary, indent=2, sort_keys=True))
+    print(
+        json.dumps(summary(run_laion_face_qa(args.annotations, args.out, config)), indent=2, sort_keys=True)
+    )
     return 0
 
 
@@ -189,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the stages of a YAML config on the configured Beam runner.",
     )
     run.add_argument("config", help=f"YAML run config (examples in {REPO_CONFIGS})")
-    _add_overrides(run)
+    add_override_argument(run)
     run.set_defaults(func=cmd_run)
 
     demo = commands.add_parser(
@@ -199,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "download -> faces on them and check the counts.",
     )
     demo.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
-    _add_overrides(demo)
+    add_override_argument(demo)
     demo.set_defaults(func=cmd_demo)
 
     annotate = commands.add_parser(
@@ -209,10 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
         "running one with --endpoint, or a vLLM server the stage starts with --server-model); "
         "writes annotation shards and a status row per face.",
     )
-    from facemllm.pipeline.annotate_cli import add_annotate_arguments
+    from facemllm.pipeline.cli.annotate import add_annotate_arguments
 
     add_annotate_arguments(annotate)
-    _add_overrides(annotate)
+    add_override_argument(annotate)
     annotate.set_defaults(func=cmd_annotate)
 
     detect = commands.add_parser(
@@ -221,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Detect faces with SCRFD; one JSON line per image.",
     )
     detect.add_argument("images", nargs="+", help="image files")
-    _add_overrides(detect)
+    add_override_argument(detect)
     detect.set_defaults(func=cmd_detect)
 
     reformat = commands.add_parser(
@@ -240,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="llava: also write LLaVA's JSON conversation lists and an image folder",
     )
     reformat.add_argument("--config", help=f"YAML reformat config (examples in {REPO_CONFIGS})")
-    _add_overrides(reformat)
+    add_override_argument(reformat)
     reformat.set_defaults(func=cmd_reformat)
 
     publish = commands.add_parser(
@@ -283,11 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train one stage of a YAML training config on the WebDataset shards it names. "
         "One process here; for several GPUs: torchrun --nproc_per_node N -m facemllm.training CONFIG.",
     )
-    train.add_argument(
-        "config", help=f"YAML stage config (stage1.yaml, stage2.yaml, stage3.yaml in {REPO_CONFIGS})"
-    )
-    _add_overrides(train)
-    train.set_defaults(func=cmd_train)
+    from facemllm.training import command as train_command
+
+    train_command.add_arguments(train)
+    train.set_defaults(func=train_command.run)
 
     evaluate = commands.add_parser(
         "eval",
@@ -311,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-samples-per-task", type=int, help="score about N seeded-random samples per task"
     )
     evaluate.add_argument("--config", help="YAML eval config (see configs/eval.yaml)")
-    _add_overrides(evaluate)
+    add_override_argument(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     laion_qa = commands.add_parser(
@@ -322,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     laion_qa.add_argument("annotations", help="folder of annotation shards (OUT/annotations)")
     laion_qa.add_argument("--out", required=True, help="QA output folder (e.g. OUT/qa)")
-    _add_overrides(laion_qa)
+    add_override_argument(laion_qa)
     laion_qa.set_defaults(func=cmd_laion_face_qa)
 
     schema = commands.add_parser("schema", help="record schemas", description="Record schema tools.")
@@ -346,7 +328,3 @@ def main(argv: list[str] | None = None) -> int:
         # pydantic's ValidationError is a ValueError: a bad config stops here, before any work
         print(f"facemllm {args.command}: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Annotate stage: ``faces/NNNNN.tar`` -> ``annotations/NNNNN.tar .parquet _stats.json``.
 
-``AnnotationShardProcessor`` (plain class) reads one face shard and writes, per face that got an
+``AnnotateStage`` reads one face shard and writes, per face that got an
 answer, ``KEY.jpg`` (the context crop), ``KEY.txt`` (the caption) and ``KEY.json``
 (``FaceAnnotation``); per input face a status row (``AnnotationStatus``: success or a named
 reason); then the stats file last, as the completion marker. Annotation shard N comes from face
@@ -13,43 +13,43 @@ depend on arrival order. Every answer is appended to the shard's request cache
 (``annotations/_cache/NNNNN.jsonl``) the moment it arrives: a run killed mid-shard and rerun
 redoes the shard without asking the server again for any face it already has an answer for.
 
-Beam: ``AnnotateDoFn`` adapts the processor (setup once per worker: in managed mode it starts the
-worker's vLLM server there and stops it in teardown; metrics: requests, retries and failures by
-reason, latency distribution, tokens). ``FaceAnnotationModelHandler`` offers the same annotator to
-``RunInference`` for pipelines that carry single faces instead of shards. ``run_annotate`` is the
-``facemllm annotate`` command: this stage alone over a folder of face shards.
+In managed mode ``setup`` starts the worker's vLLM server and ``teardown`` stops it; live metrics:
+requests, retries and failures by reason, latency distribution, tokens.
+``FaceAnnotationModelHandler`` offers the same annotator to ``RunInference`` for pipelines that
+carry single faces instead of shards. ``run_annotate`` is the ``facemllm annotate`` command: this
+stage alone over a folder of face shards.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import os
 import shutil
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import apache_beam as beam
-import pyarrow as pa
-from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
 from facemllm.annotators.annotate_config import AnnotateConfig
 from facemllm.annotators.mllm_client import Answer, ChatClient, MLLMAnnotator, Outcome
 from facemllm.annotators.request_cache import RequestCache
 from facemllm.annotators.template_annotator import TemplateAnnotator
-from facemllm.pipeline.core.files import write_json_atomic, write_parquet_atomic
-from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples, shard_paths
+from facemllm.pipeline.core.manifest import shard_stage_manifest
+from facemllm.pipeline.core.shards import ShardWriter, completed_shards, iter_tar_samples, write_sizes
+from facemllm.pipeline.runners import RunnerConfig
+from facemllm.pipeline.stages.framework import (
+    METRICS_NAMESPACE,
+    BeamMetrics,
+    ShardStage,
+    StageMetrics,
+    UnitResult,
+    run_stage,
+)
 from facemllm.schemas.annotation import AnnotationStatus, FaceAnnotation
 from facemllm.schemas.records import FaceRecord
 
 CACHE_DIR_NAME = "_cache"
-OutcomeHook = Callable[[Outcome], None]
-
-
-def completed_face_shards(faces_dir: Path) -> list[int]:
-    """Face shards with a completion marker (the annotate stage's inputs when run alone)."""
-    return sorted(int(p.name.split("_")[0]) for p in Path(faces_dir).glob("*_stats.json"))
 
 
 def check_annotate_config(config: AnnotateConfig) -> None:
@@ -66,53 +66,66 @@ def check_annotate_config(config: AnnotateConfig) -> None:
             )
 
 
-class AnnotationShardProcessor:
-    """Annotates one face shard, atomically and idempotently (plain class, no Beam).
+class AnnotateStage(ShardStage):
+    """Annotates one face shard (``faces/NNNNN.tar`` -> ``annotations/NNNNN.*``).
 
-    ``base_url``: the OpenAI-compatible server for the MLLM annotator (unused by the template one).
-    ``on_outcome``: called with each face's ``Outcome`` (metrics).
+    ``base_url``: the OpenAI-compatible server for the MLLM annotator, overriding the config's
+    endpoint (unused by the template annotator; a managed server sets its own in ``setup``).
     """
+
+    name = "annotate"
+    status_record = AnnotationStatus
 
     def __init__(
         self,
         config: AnnotateConfig,
-        annotations_dir: Path,
+        input_dir: str = "faces",
+        output_dir: str = "annotations",
         base_url: str | None = None,
-        on_outcome: OutcomeHook | None = None,
     ):
         self.config = config
-        self.dir = Path(annotations_dir)
-        self.base_url = base_url or config.endpoint
-        self.on_outcome = on_outcome
-        self.cache_dir = Path(config.cache_dir) if config.cache_dir else self.dir / CACHE_DIR_NAME
+        self.input_dir = input_dir
+        self.output_dir = output_dir
+        self.base_url = base_url
+        self.server = None
+
+    def setup(self) -> None:
+        config = self.config
+        self.cache_dir = (
+            Path(config.cache_dir) if config.cache_dir else self.root / self.output_dir / CACHE_DIR_NAME
+        )
         if config.annotator == "template":
             self.annotator: TemplateAnnotator | MLLMAnnotator = TemplateAnnotator()
-        else:
-            if not self.base_url:
-                raise ValueError("the mllm annotator needs a server base URL")
-            self.annotator = MLLMAnnotator(config)
-        self.last_client_stats = None
+            return
+        if self.base_url is None:
+            self.server, self.base_url = _start_server(config)
+        if not self.base_url:
+            raise ValueError("the mllm annotator needs a server base URL")
+        self.annotator = MLLMAnnotator(config)
 
-    def is_done(self, shard_id: int) -> bool:
-        return shard_paths(self.dir, shard_id)["stats"].exists()
+    def teardown(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
 
-    def process(self, shard_id: int, face_tar: Path) -> dict:
-        final = shard_paths(self.dir, shard_id)
-        if final["stats"].exists():
-            return json.loads(final["stats"].read_text())
+    def process_shard(self, unit: int, source: Path, writer: ShardWriter) -> UnitResult:
         statuses: list[dict] = []
         extra: dict = {}
-        with ShardWriter(final["tar"]) as writer:  # face keys are sorted; answers are written in that order
-            faces = iter_tar_samples(face_tar)
-            if isinstance(self.annotator, TemplateAnnotator):
-                for key, sample in faces:
-                    self._write(writer, statuses, *self._template_outcome(key, sample))
-            else:
-                extra = asyncio.run(self._annotate_mllm(shard_id, faces, writer, statuses))
-        write_parquet_atomic(final["parquet"], statuses, ANNOTATION_STATUS_SCHEMA)
-        stats = summarize_annotation_statuses(shard_id, statuses, writer.count, self.annotator, extra)
-        write_json_atomic(final["stats"], stats)  # completion marker, last
-        return stats
+        faces = iter_tar_samples(source)  # face keys are sorted; answers are written in that order
+        if isinstance(self.annotator, TemplateAnnotator):
+            for key, sample in faces:
+                self._write(writer, statuses, *self._template_outcome(key, sample))
+        else:
+            extra = asyncio.run(self._annotate_mllm(unit, faces, writer, statuses))
+        return UnitResult(
+            summarize_annotation_statuses(unit, statuses, writer.count, self.annotator, extra), statuses
+        )
+
+    def counters(self, stats: dict) -> dict[str, int]:
+        return {
+            "requests": stats["requests"],
+            **{f"retries_{reason}": n for reason, n in stats["retries"].items()},
+        }
 
     # -- one face -------------------------------------------------------------------------------
 
@@ -144,7 +157,6 @@ class AnnotationShardProcessor:
         cache = RequestCache(self.cache_dir / f"{shard_id:05d}.jsonl" if config.cache else None)
         window = max(8, 4 * config.concurrency)
         async with ChatClient(self.base_url, config) as client:
-            self.last_client_stats = client.stats
             slots = asyncio.Semaphore(config.concurrency)
 
             async def ask(key: str, image: bytes) -> Outcome:
@@ -222,8 +234,7 @@ class AnnotationShardProcessor:
                 cached=outcome.cached,
             ).model_dump(mode="json")
         )
-        if self.on_outcome is not None:
-            self.on_outcome(outcome)
+        record_outcome(self.metrics, outcome)
 
     def _prompt_version(self) -> str:
         if isinstance(self.annotator, MLLMAnnotator):
@@ -250,31 +261,6 @@ def summarize_annotation_statuses(
     }
 
 
-# One column per AnnotationStatus field; a test checks the two stay in step.
-ANNOTATION_STATUS_SCHEMA = pa.schema(
-    [
-        ("schema_version", pa.int64()),
-        ("key", pa.string()),
-        ("source_key", pa.string()),
-        ("url", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("model", pa.string()),
-        ("prompt_version", pa.string()),
-        ("attempts", pa.int64()),
-        ("latency_s", pa.float64()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("cached", pa.bool_()),
-    ]
-)
-
-
-# -- Beam ---------------------------------------------------------------------------------------
-
-METRICS_NAMESPACE = "facemllm"
-
-
 def _start_server(config: AnnotateConfig):
     """(server or None, base URL) for this worker: a managed vLLM server, or the configured endpoint."""
     if config.annotator != "mllm":
@@ -287,77 +273,17 @@ def _start_server(config: AnnotateConfig):
     return None, config.endpoint
 
 
-class _OutcomeMetrics:
-    def __init__(self) -> None:
-        counter = lambda name: Metrics.counter(METRICS_NAMESPACE, name)  # noqa: E731
-        self.counter = counter
-        self.latency = Metrics.distribution(METRICS_NAMESPACE, "annotate_latency_ms")
-        self.prompt_tokens = counter("annotate_prompt_tokens")
-        self.completion_tokens = counter("annotate_completion_tokens")
-
-    def __call__(self, outcome: Outcome) -> None:
-        self.counter(f"annotate_{outcome.status}").inc()
-        if outcome.cached:
-            self.counter("annotate_cached").inc()
-            return
-        if outcome.latency_s is not None and outcome.attempts:
-            self.latency.update(int(outcome.latency_s * 1000))
-        if outcome.answer is not None:
-            self.prompt_tokens.inc(outcome.answer.provenance.usage.prompt_tokens)
-            self.completion_tokens.inc(outcome.answer.provenance.usage.completion_tokens)
-
-
-class AnnotateDoFn(beam.DoFn):
-    """Face shard id in, the same id out once its annotation shard is complete.
-
-    ``out``: the run's output URL when it is an object store (``facemllm run``): the face shard is
-    fetched into the worker's local mirror first and the finished annotation shard uploaded, its
-    completion marker last, as the other stages do. None: local folders (``facemllm annotate``).
-    """
-
-    def __init__(self, config: AnnotateConfig, faces_dir: str, annotations_dir: str, out: str | None = None):
-        self.config = config
-        self.faces_dir = str(faces_dir)
-        self.annotations_dir = str(annotations_dir)
-        self.out = out
-        self.server = None
-
-    def setup(self):
-        from facemllm.pipeline.core.storage import RunStore
-
-        self.store = RunStore(self.out) if self.out is not None else None
-        if self.store is not None:  # this worker's mirror (it may differ from the driver's)
-            self.faces_dir = str(self.store.local / "faces")
-            self.annotations_dir = str(self.store.local / "annotations")
-        self.server, base_url = _start_server(self.config)
-        self.metrics = _OutcomeMetrics()
-        self.processor = AnnotationShardProcessor(
-            self.config, Path(self.annotations_dir), base_url=base_url, on_outcome=self.metrics
-        )
-
-    def process(self, shard_id: int):
-        paths = shard_paths(Path(self.annotations_dir), shard_id)
-        unit = (paths["stats"], paths["tar"], paths["parquet"])  # completion marker first
-        face_tar = shard_paths(Path(self.faces_dir), shard_id)["tar"]
-        if self.store is not None:
-            self.store.fetch_completed(*unit)
-        skipped = self.processor.is_done(shard_id)
-        if self.store is not None and not skipped:
-            self.store.fetch(face_tar)
-        stats = self.processor.process(shard_id, face_tar)
-        if self.store is not None:
-            self.store.push_completed(*unit)
-        if not skipped:
-            self.metrics.counter("annotate_requests").inc(stats["requests"])
-            for reason, count in stats["retries"].items():
-                self.metrics.counter(f"annotate_retries_{reason}").inc(count)
-        self.metrics.counter("annotate_shards_skipped" if skipped else "annotate_shards").inc()
-        yield shard_id
-
-    def teardown(self):
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
+def record_outcome(metrics: StageMetrics, outcome: Outcome) -> None:
+    """Live counters per face: outcome, cache hits, latency, tokens."""
+    metrics.count(f"annotate_{outcome.status}")
+    if outcome.cached:
+        metrics.count("annotate_cached")
+        return
+    if outcome.latency_s is not None and outcome.attempts:
+        metrics.observe("annotate_latency_ms", int(outcome.latency_s * 1000))
+    if outcome.answer is not None:
+        metrics.count("annotate_prompt_tokens", outcome.answer.provenance.usage.prompt_tokens)
+        metrics.count("annotate_completion_tokens", outcome.answer.provenance.usage.completion_tokens)
 
 
 class _LoadedAnnotator:
@@ -399,7 +325,7 @@ class FaceAnnotationModelHandler(ModelHandler):
 
         outcomes = asyncio.run(model.annotate_batch(list(batch)))
         for element, outcome in zip(batch, outcomes, strict=True):
-            Metrics.counter(METRICS_NAMESPACE, f"annotate_{outcome.status}").inc()
+            BeamMetrics().count(f"annotate_{outcome.status}")
             yield PredictionResult(element[0], outcome, self.config.request_model)
 
     def batch_elements_kwargs(self):
@@ -409,29 +335,19 @@ class FaceAnnotationModelHandler(ModelHandler):
         return METRICS_NAMESPACE
 
 
-def run_annotate(faces_dir: Path, annotations_dir: Path, config: AnnotateConfig, runner=None):
+def run_annotate(
+    faces_dir: Path, annotations_dir: Path, config: AnnotateConfig, runner: RunnerConfig | None = None
+):
     """``facemllm annotate``: this stage alone over completed face shards; returns its ShardManifest."""
-    from facemllm.pipeline.config import RunnerConfig
-    from facemllm.pipeline.core.manifest import shard_stage_manifest
-    from facemllm.pipeline.core.shards import write_sizes
-    from facemllm.pipeline.runners import make_runner, pipeline_options
-
-    faces_dir, annotations_dir = Path(faces_dir), Path(annotations_dir)
+    faces_dir, annotations_dir = Path(faces_dir).resolve(), Path(annotations_dir).resolve()
     check_annotate_config(config)
-    shards = completed_face_shards(faces_dir)
+    shards = completed_shards(faces_dir)
     if not shards:
         raise FileNotFoundError(f"--in {faces_dir}: no completed face shards (NNNNN_stats.json) there")
-    annotations_dir.mkdir(parents=True, exist_ok=True)
-    for stray in annotations_dir.glob(".*.tmp-*"):
-        stray.unlink(missing_ok=True)
+    root = Path(os.path.commonpath([faces_dir, annotations_dir]))
+    stage = AnnotateStage(config, str(faces_dir.relative_to(root)), str(annotations_dir.relative_to(root)))
     runner = runner or RunnerConfig(direct_num_workers=1, direct_running_mode="in_memory")
-    with beam.Pipeline(runner=make_runner(runner), options=pipeline_options(runner)) as pipeline:
-        (
-            pipeline
-            | "FaceShards" >> beam.Create(shards)
-            | "SpreadFaceShards" >> beam.Reshuffle()
-            | "Annotate" >> beam.ParDo(AnnotateDoFn(config, str(faces_dir), str(annotations_dir)))
-        )
+    run_stage(stage, shards, str(root), runner, "Annotate")
     manifest = shard_stage_manifest(annotations_dir.parent, annotations_dir.name)
     write_sizes(annotations_dir, manifest.shards)
     return manifest

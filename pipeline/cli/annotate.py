@@ -11,8 +11,8 @@ import os
 import shlex
 
 from facemllm.annotators.annotate_config import AnnotateConfig
-from facemllm.pipeline.config import RunnerConfig
 from facemllm.pipeline.core.config import apply_overrides
+from facemllm.pipeline.runners import RunnerConfig
 from facemllm.schemas import StrictModel
 
 VLLM_PYTHON_ENV = "FACEMLLM_VLLM_PYTHON"

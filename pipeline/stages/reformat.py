@@ -3,9 +3,9 @@
 The dataset's rows (label-file lines or image files, in a stable order) are cut into chunks of
 ``rows_per_chunk``; chunk N writes shard ``NNNNN.tar`` of every split it has samples for, its
 status rows and, with ``llava``, its part of the LLaVA export, then its marker
-``_chunks/NNNNN_stats.json`` last. Beam spreads the chunks over workers (``QAChunkWriter`` does the
-work, ``ReformatChunkDoFn`` adapts it); when all are done the driver writes ``status.parquet``,
-``sizes.json`` per split, the LLaVA JSON files and ``manifest.json``, the commit point.
+``_chunks/NNNNN_stats.json`` last. Unit of work: one chunk (``ReformatStage``); when all are done
+the driver writes ``status.parquet``, ``sizes.json`` per split, the LLaVA JSON files and
+``manifest.json``, the commit point (``finalize``).
 
 A chunk's output depends only on its rows and the configuration, so a retried bundle, a rerun and
 a run with another runner or parallelism give the same bytes; a rerun skips finished chunks.
@@ -13,7 +13,6 @@ a run with another runner or parallelism give the same bytes; a rerun skips fini
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections import Counter, defaultdict
@@ -22,31 +21,29 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.metrics import Metrics
 from pydantic import Field
 
 from facemllm.annotators.face_config import FaceConfig
-from facemllm.pipeline.config import RunnerConfig
-from facemllm.pipeline.core.config import load_yaml_config
-from facemllm.pipeline.core.files import atomic_path, write_bytes_atomic, write_json_atomic
-from facemllm.pipeline.core.manifest import package_versions
-from facemllm.pipeline.core.shards import ShardWriter, shard_info, shard_paths, write_sizes
-from facemllm.pipeline.runners import make_runner, pipeline_options
+from facemllm.pipeline.core.config import hash_config, load_yaml_config
+from facemllm.pipeline.core.files import write_bytes_atomic, write_json_atomic, write_parquet_atomic
+from facemllm.pipeline.core.manifest import write_dataset_manifest
+from facemllm.pipeline.core.shards import ShardWriter, shard_info, shard_paths
+from facemllm.pipeline.runners import RunnerConfig
+from facemllm.pipeline.stages.framework import Stage, UnitResult, read_marker, run_stage
 from facemllm.reformatters import DatasetReformatter, QAConfig, make_reformatter
 from facemllm.reformatters.base import ImageLoad, ImageLoader, RowRejected
 from facemllm.schemas import (
     QASample,
+    ReformatStatus,
     RunManifest,
     ShardInfo,
-    ShardManifest,
     SourceDataset,
     StrictModel,
 )
+from facemllm.schemas.tables import arrow_schema
 
-METRICS_NAMESPACE = "facemllm"
 CHUNKS_DIR = "_chunks"
 LLAVA_DIR = "llava"
 
@@ -73,8 +70,7 @@ class ReformatConfig(StrictModel):
         exclude: dict[str, Any] = {"root": True, "out": True, "runner": True, "faces": {"intra_op_threads"}}
         if not self.crop_faces:
             exclude["faces"] = True
-        payload = self.model_dump(mode="json", exclude=exclude)
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return hash_config(self, exclude)
 
 
 def load_reformat_config(path: str | Path | None, overrides: list[str] = (), **given: Any) -> ReformatConfig:
@@ -110,14 +106,27 @@ class ChunkMarker(StrictModel):
     tasks: dict[str, dict[str, int]] = Field(description="split -> task -> samples")
 
 
-class QAChunkWriter:
-    """Writes the shards, status rows and LLaVA part of one chunk of rows (plain class, no Beam)."""
+class ReformatStage(Stage):
+    """Writes the shards, status rows and LLaVA part of one chunk of rows."""
+
+    name = "reformat"
+    status_record = ReformatStatus
 
     def __init__(self, config: ReformatConfig, reformatter: DatasetReformatter | None = None):
         self.config = config
-        self.reformatter = reformatter or make_reformatter(config.dataset, config.root, config.qa)
-        self.dataset_dir = Path(config.out) / config.dataset
-        self.chunks_dir = self.dataset_dir / CHUNKS_DIR
+        if reformatter is not None:
+            self.reformatter = reformatter
+
+    def __getstate__(self) -> dict:
+        """Workers list the dataset again in ``setup`` rather than receive the whole listing."""
+        return {
+            key: value for key, value in self.__dict__.items() if key not in ("reformatter", "load_image")
+        }
+
+    @cached_property
+    def reformatter(self) -> DatasetReformatter:
+        """Lists the inputs: a missing file or folder stops the run here, before any work."""
+        return make_reformatter(self.config.dataset, self.config.root, self.config.qa)
 
     @cached_property
     def fingerprint(self) -> str:
@@ -129,21 +138,40 @@ class QAChunkWriter:
         load = ImageLoader(self.config.max_image_pixels, self.config.jpeg_quality)
         return FaceCropLoader(load, self.config.faces) if self.config.crop_faces else load
 
+    def setup(self) -> None:
+        self.load_image  # noqa: B018 - builds the face detector once per worker when crop_faces is on
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.root / self.config.dataset
+
+    @property
+    def chunks_dir(self) -> Path:
+        return self.dataset_dir / CHUNKS_DIR
+
     def chunk_ids(self) -> range:
         return range(math.ceil(len(self.reformatter.rows) / self.config.rows_per_chunk))
 
-    def marker(self, chunk_id: int) -> ChunkMarker | None:
-        path = shard_paths(self.chunks_dir, chunk_id)["stats"]
-        return ChunkMarker.model_validate_json(path.read_text()) if path.exists() else None
+    def marker(self, unit: int) -> Path:
+        return shard_paths(self.chunks_dir, unit)["stats"]
 
-    def is_done(self, chunk_id: int) -> bool:
-        marker = self.marker(chunk_id)
-        return marker is not None and marker.fingerprint == self.fingerprint
+    def status_table(self, unit: int) -> Path:
+        return shard_paths(self.chunks_dir, unit)["parquet"]
 
-    def process(self, chunk_id: int) -> ChunkMarker:
-        if self.is_done(chunk_id):
-            return self.marker(chunk_id)
-        start = chunk_id * self.config.rows_per_chunk
+    def outputs(self, unit: int, stats: dict) -> list[Path]:
+        shards = [self.dataset_dir / info["url"] for info in stats["shards"].values()]
+        llava = [llava_part(self.chunks_dir, unit)] if self.config.llava else []
+        return [*shards, *llava, self.status_table(unit)]
+
+    def is_current(self, stats: dict) -> bool:
+        return stats.get("fingerprint") == self.fingerprint
+
+    def completed_marker(self, unit: int) -> ChunkMarker | None:
+        stats = read_marker(self.marker(unit))
+        return ChunkMarker.model_validate(stats) if stats is not None and self.is_current(stats) else None
+
+    def process(self, unit: int) -> UnitResult:
+        start = unit * self.config.rows_per_chunk
         statuses: list[dict] = []
         llava: dict[str, list[dict]] = defaultdict(list)
         tasks: dict[str, Counter[str]] = defaultdict(Counter)
@@ -157,19 +185,17 @@ class QAChunkWriter:
                     write_bytes_atomic(self.dataset_dir / LLAVA_DIR / image_name, result.image)
                 for sample in result.samples:
                     if sample.split not in writers:
-                        tar = shard_paths(self.dataset_dir / sample.split, chunk_id)["tar"]
+                        tar = shard_paths(self.dataset_dir / sample.split, unit)["tar"]
                         writers[sample.split] = open_shards.enter_context(ShardWriter(tar))
                     json_bytes = sample.model_dump_json().encode()
                     writers[sample.split].add(sample.key, {"jpg": result.image, "json": json_bytes})
                     tasks[sample.split][sample.task] += 1
                     if self.config.llava:
                         llava[sample.split].append(llava_record(sample, image_name))
-        paths = shard_paths(self.chunks_dir, chunk_id)
-        write_parquet(paths["parquet"], statuses)
         if self.config.llava:
-            write_json_atomic(llava_part(self.chunks_dir, chunk_id), llava)
+            write_json_atomic(llava_part(self.chunks_dir, unit), llava)
         marker = ChunkMarker(
-            chunk=chunk_id,
+            chunk=unit,
             fingerprint=self.fingerprint,
             rows=len(statuses),
             status=dict(sorted(Counter(s["status"] for s in statuses).items())),
@@ -179,8 +205,10 @@ class QAChunkWriter:
             },
             tasks={split: dict(sorted(counts.items())) for split, counts in sorted(tasks.items())},
         )
-        write_json_atomic(paths["stats"], marker.model_dump(mode="json"))  # completion marker, last
-        return marker
+        return UnitResult(marker.model_dump(mode="json"), statuses)
+
+    def counters(self, stats: dict) -> dict[str, int]:
+        return stats["status"]
 
 
 def llava_record(sample: QASample, image: str) -> dict:
@@ -196,73 +224,29 @@ def llava_part(chunks_dir: Path, chunk_id: int) -> Path:
     return chunks_dir / f"{chunk_id:05d}_llava.json"
 
 
-# One column per ReformatStatus field; a test checks the two stay in step.
-REFORMAT_STATUS_SCHEMA = pa.schema(
-    [
-        ("schema_version", pa.int64()),
-        ("dataset", pa.string()),
-        ("row", pa.int64()),
-        ("source", pa.string()),
-        ("image", pa.string()),
-        ("split", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("samples", pa.int64()),
-    ]
-)
-
-
-def write_parquet(path: Path, rows: list[dict] | pa.Table) -> None:
-    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=REFORMAT_STATUS_SCHEMA)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-
-
-class ReformatChunkDoFn(beam.DoFn):
-    def __init__(self, config: ReformatConfig):
-        self.config = config
-
-    def setup(self):
-        self.writer = QAChunkWriter(self.config)
-
-    def process(self, chunk_id: int):
-        skipped = self.writer.is_done(chunk_id)
-        marker = self.writer.process(chunk_id)
-        if not skipped:
-            for status, count in marker.status.items():
-                Metrics.counter(METRICS_NAMESPACE, f"reformat_{status}").inc(count)
-        Metrics.counter(METRICS_NAMESPACE, "reformat_chunks_skipped" if skipped else "reformat_chunks").inc()
-        yield chunk_id
-
-
-def check_reusable(writer: QAChunkWriter) -> None:
+def check_reusable(stage: ReformatStage) -> None:
     """Refuse to mix chunks of another configuration or input listing into this run's output."""
-    for marker_path in sorted(writer.chunks_dir.glob("*_stats.json")):
-        if ChunkMarker.model_validate_json(marker_path.read_text()).fingerprint != writer.fingerprint:
+    for marker_path in sorted(stage.chunks_dir.glob("*_stats.json")):
+        if not stage.is_current(json.loads(marker_path.read_text())):
             raise ValueError(
-                f"{writer.dataset_dir} holds output of another configuration or other input files "
+                f"{stage.dataset_dir} holds output of another configuration or other input files "
                 f"({marker_path.name}); remove that folder or choose another --out"
             )
 
 
-def clean_stale_temporaries(dataset_dir: Path) -> None:
-    """What killed workers left half-written; only the driver calls this, before any worker."""
-    for stray in dataset_dir.rglob(".*.tmp-*"):
-        stray.unlink(missing_ok=True)
-
-
-def finalize(writer: QAChunkWriter) -> RunManifest:
+def finalize(stage: ReformatStage) -> RunManifest:
     """Status table, sizes, LLaVA lists, then the manifest (the commit point), from the chunk markers."""
-    config, dataset_dir = writer.config, writer.dataset_dir
+    config, dataset_dir = stage.config, stage.dataset_dir
     markers = []
-    for chunk_id in writer.chunk_ids():
-        if not writer.is_done(chunk_id):
+    for chunk_id in stage.chunk_ids():
+        marker = stage.completed_marker(chunk_id)
+        if marker is None:
             raise RuntimeError(f"chunk {chunk_id} of {config.dataset} did not complete; rerun to finish it")
-        markers.append(writer.marker(chunk_id))
-    chunk_tables = [pq.read_table(shard_paths(writer.chunks_dir, m.chunk)["parquet"]) for m in markers]
-    write_parquet(
+        markers.append(marker)
+    chunk_tables = [pq.read_table(stage.status_table(m.chunk)) for m in markers]
+    write_parquet_atomic(
         dataset_dir / "status.parquet",
-        pa.concat_tables([REFORMAT_STATUS_SCHEMA.empty_table(), *chunk_tables]),
+        pa.concat_tables([arrow_schema(ReformatStatus).empty_table(), *chunk_tables]),
     )
 
     status_counts: Counter[str] = Counter({"rows": sum(m.rows for m in markers)})
@@ -274,43 +258,17 @@ def finalize(writer: QAChunkWriter) -> RunManifest:
             shards[split].append(info)
         for split, counts in marker.tasks.items():
             split_counts[split].update({f"task_{task}": n for task, n in counts.items()})
-    stages = {
-        f"qa/{config.dataset}": ShardManifest(
-            stage=f"qa/{config.dataset}", shards=[], counts=dict(sorted(status_counts.items()))
-        )
-    }
-    for split in sorted(shards):
-        write_sizes(dataset_dir / split, shards[split])
-        counts = {"samples": sum(s.nsamples for s in shards[split]), **split_counts[split]}
-        stages[f"qa/{config.dataset}/{split}"] = ShardManifest(
-            stage=f"qa/{config.dataset}/{split}", shards=shards[split], counts=dict(sorted(counts.items()))
-        )
     if config.llava:
-        parts = [json.loads(llava_part(writer.chunks_dir, m.chunk).read_text()) for m in markers]
+        parts = [json.loads(llava_part(stage.chunks_dir, m.chunk).read_text()) for m in markers]
         for split in sorted(shards):
             records = [record for part in parts for record in part.get(split, [])]
             write_json_atomic(dataset_dir / LLAVA_DIR / f"{split}.json", records)
-    manifest = RunManifest(
-        config_hash=config.config_hash(), package_versions=package_versions(), stages=stages
-    )
-    write_json_atomic(dataset_dir / "manifest.json", manifest.model_dump(mode="json"))  # commit point, last
-    return manifest
+    return write_dataset_manifest(dataset_dir, status_counts, shards, split_counts, config.config_hash())
 
 
 def run_reformat(config: ReformatConfig) -> RunManifest:
     """Reformat one dataset on the configured Beam runner, then write the manifest; returns it."""
-    writer = QAChunkWriter(config)  # lists the inputs: a missing file or folder stops here, before any work
-    check_reusable(writer)
-    writer.dataset_dir.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(writer.dataset_dir)
-    with beam.Pipeline(
-        runner=make_runner(config.runner), options=pipeline_options(config.runner)
-    ) as pipeline:
-        (
-            pipeline
-            | "Chunks" >> beam.Create(list(writer.chunk_ids()))
-            | "SpreadChunks" >> beam.Reshuffle()
-            | "Reformat" >> beam.ParDo(ReformatChunkDoFn(config))
-        )
-    clean_stale_temporaries(writer.dataset_dir)
-    return finalize(writer)
+    stage = ReformatStage(config).bind(Path(config.out))
+    check_reusable(stage)
+    run_stage(stage, stage.chunk_ids(), config.out, config.runner, "Reformat")
+    return finalize(stage)

@@ -1,7 +1,7 @@
 """``facemllm demo``: the whole acquisition pipeline on the bundled sample, offline.
 
 Real face photos shipped inside installed packages are served from 127.0.0.1 together with routes
-that must fail; ``pipeline.demo_sample`` writes LAION-style metadata and a LAION-Face id list for
+that must fail; ``demo.sample`` writes LAION-style metadata and a LAION-Face id list for
 them and knows what a correct run reports. The demo runs ``configs/demo.yaml`` on them and
 compares the manifest's counts with those expectations, so it doubles as a smoke test.
 """
@@ -14,11 +14,11 @@ from pathlib import Path
 from facemllm.annotators.model_store import ensure_scrfd_package
 from facemllm.pipeline.config import RunConfig, load_config
 from facemllm.pipeline.core.manifest import print_summary
-from facemllm.pipeline.demo_sample import DemoSample, build_demo_sample, package_photos
+from facemllm.pipeline.demo.sample import DemoSample, build_demo_sample, package_photos
+from facemllm.pipeline.demo.server import SampleServer
 from facemllm.pipeline.run import run
-from facemllm.pipeline.sample_server import SampleServer
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"  # the checkout's configs/
 
 
 def demo_config(sample: DemoSample, out: Path, overrides: list[str] = ()) -> RunConfig:

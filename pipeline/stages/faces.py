@@ -1,0 +1,75 @@
+"""Faces stage: ``images/NNNNN.tar`` -> ``faces/NNNNN.tar .parquet _stats.json``.
+
+The detection and cropping live in ``annotators.faces.FaceCropper``; this stage reads an image
+shard and writes one face sample per kept face (``KEY.jpg`` context crop, ``KEY.aligned.jpg``
+112x112 ArcFace crop, ``KEY.json`` FaceRecord) and a ``FaceStatus`` row per input image. Face
+shard N comes from image shard N, so a retried shard rewrites the same file with the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from facemllm.annotators.face_config import FaceConfig
+from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples
+from facemllm.pipeline.stages.framework import ShardStage, UnitResult
+from facemllm.schemas import FaceStatus
+
+IMAGE_META_FIELDS = {
+    "url": "url",
+    "sample_id": "SAMPLE_ID",
+    "caption": "caption",
+    "license": "LICENSE",
+    "nsfw": "NSFW",
+    "similarity": "similarity",
+}
+DROP_REASONS = ("dropped_small", "dropped_low_score", "dropped_over_max")
+
+
+class FaceStage(ShardStage):
+    """Crops the faces of one image shard."""
+
+    name = "faces"
+    status_record = FaceStatus
+
+    def __init__(self, config: FaceConfig, input_dir: str = "images", output_dir: str = "faces"):
+        self.config = config
+        self.input_dir = input_dir
+        self.output_dir = output_dir
+
+    def setup(self) -> None:
+        from facemllm.annotators.faces import FaceCropper  # loads cv2: after the decoder bound is set
+
+        self.cropper = FaceCropper(self.config)
+
+    def process_shard(self, unit: int, source: Path, writer: ShardWriter) -> UnitResult:
+        statuses: list[dict] = []
+        for source_key, sample in iter_tar_samples(source):  # image keys are sorted, face keys extend them
+            meta = json.loads(sample.get("json", b"{}"))
+            image_meta = {field: meta.get(name) for field, name in IMAGE_META_FIELDS.items()}
+            result = self.cropper.process(sample.get("jpg", b""), source_key, image_meta)
+            for face in result.faces:
+                writer.add(
+                    face.record.key,
+                    {
+                        "jpg": face.context_jpg,
+                        "aligned.jpg": face.aligned_jpg,
+                        "json": face.record.model_dump_json().encode(),
+                    },
+                )
+            statuses.append(result.status.model_dump(mode="json"))
+        counts = Counter(row["status"] for row in statuses)
+        dropped = {reason: sum(row[reason] for row in statuses) for reason in DROP_REASONS}
+        stats = {
+            "shard_id": unit,
+            "images": len(statuses),
+            "faces": writer.count,
+            "status": dict(counts),
+            **dropped,
+        }
+        return UnitResult(stats, statuses)
+
+    def counters(self, stats: dict) -> dict[str, int]:
+        return {"kept": stats["faces"], **{f"images_{status}": n for status, n in stats["status"].items()}}

@@ -1,0 +1,240 @@
+"""The stage contract and the one executor that runs every stage.
+
+A stage (``select.py``, ``download.py``, ``faces.py``, ``annotate.py``, ``reformat.py``,
+``laion_face_qa.py``) says only what is particular to it: its config, which files one unit of work
+(a shard, an input file, a chunk: an int id) reads and writes, and how to process one unit. What
+every stage needs is here, once, in the spirit of datatrove's ``PipelineStep`` and NeMo Curator's
+stages:
+
+- ``execute_unit``: skip a unit whose completion marker exists (and is current), bring a unit
+  another worker completed in an object-store run into the local mirror, fetch the unit's inputs,
+  process it, write its status table, write its marker last, upload the unit with its marker last.
+  Stages write their own data files through ``core`` (temporary name, then rename), so a unit is
+  either complete with its marker, or redone by the next run.
+- ``StageDoFn``: the one Beam adapter: ``setup``/``teardown`` once per worker (models, servers),
+  one unit per element, Beam counters from the unit's stats, the downstream units as output.
+- ``run_stage``: a single stage over a list of units on any Beam runner (``facemllm annotate``,
+  ``reformat`` and ``laion-face-qa``); ``facemllm run`` chains stages in ``pipeline/run.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.metrics import Metrics
+from pydantic import BaseModel
+
+from facemllm.pipeline.core.files import remove_stale_temporaries, write_json_atomic, write_parquet_atomic
+from facemllm.pipeline.core.shards import ShardWriter, shard_paths
+from facemllm.pipeline.core.storage import RunStore
+from facemllm.pipeline.runners import RunnerConfig, make_runner, pipeline_options
+from facemllm.schemas.tables import arrow_schema
+
+METRICS_NAMESPACE = "facemllm"
+
+
+@dataclass
+class UnitResult:
+    """What processing one unit produced, besides the data files the stage wrote itself: the
+    completion marker's content (JSON, written last) and one status row per input element."""
+
+    stats: dict
+    statuses: list[dict] | pa.Table | None = None
+
+
+class StageMetrics:
+    """Where a stage reports live counts; the Beam adapter replaces the default (which drops them)."""
+
+    def count(self, name: str, value: int = 1) -> None:
+        """Add ``value`` to the counter ``name``."""
+
+    def observe(self, name: str, value: int) -> None:
+        """Record one value of the distribution ``name``."""
+
+
+class BeamMetrics(StageMetrics):
+    def count(self, name: str, value: int = 1) -> None:
+        Metrics.counter(METRICS_NAMESPACE, name).inc(value)
+
+    def observe(self, name: str, value: int) -> None:
+        Metrics.distribution(METRICS_NAMESPACE, name).update(value)
+
+
+class Stage(ABC):
+    """One step of the DAG: unit of work (an int id) -> files under the run's ``root``.
+
+    The object is built on the driver (cheap, picklable: configs and names only). ``bind`` gives
+    it the folder it works in (on a worker: its local mirror of an object-store run); ``setup``
+    then loads what is heavy, once per worker.
+    """
+
+    name: ClassVar[str]  # counters are "<name>_<what>"
+    status_record: ClassVar[type[BaseModel] | None] = None  # the status table's row, if it has one
+
+    root: Path
+    metrics: StageMetrics = StageMetrics()
+
+    def bind(self, root: Path) -> Stage:
+        self.root = Path(root)
+        return self
+
+    def setup(self) -> None:
+        """Once per worker, before any unit: load models, start servers."""
+        return None
+
+    def teardown(self) -> None:
+        """Once per worker, after the last unit (stop servers)."""
+        return None
+
+    @abstractmethod
+    def marker(self, unit: int) -> Path:
+        """The completion marker: its existence says the unit's outputs are complete."""
+
+    def status_table(self, unit: int) -> Path | None:
+        """Where the unit's status rows go (None: the stage has no status table)."""
+        return None
+
+    def outputs(self, unit: int, stats: dict) -> list[Path]:
+        """Every file the marker vouches for (uploaded before it, fetched before it)."""
+        table = self.status_table(unit)
+        return [table] if table is not None else []
+
+    def inputs(self, unit: int) -> list[Path]:
+        """Files the unit reads that another worker may have written (fetched from the run store)."""
+        return []
+
+    def is_current(self, stats: dict) -> bool:
+        """Whether a completed unit was made with this configuration (else it is redone)."""
+        return True
+
+    @abstractmethod
+    def process(self, unit: int) -> UnitResult:
+        """Do the unit's work: write its data files atomically, return its stats and status rows."""
+
+    def counters(self, stats: dict) -> dict[str, int]:
+        """Beam counters for a unit just processed (not for a skipped one)."""
+        return {}
+
+    def downstream(self, unit: int, stats: dict) -> list[int]:
+        """The units this one feeds in the next stage (default: the same id)."""
+        return [unit]
+
+    def clean(self) -> None:
+        """Driver only, before and after a run: remove what killed workers left half-written
+        beyond the temporary files ``clean_run`` removes (a stage's own work folders)."""
+        return None
+
+
+def clean_run(root: Path, stages: Iterable[Stage]) -> None:
+    """Driver only, before and after a run, when no worker runs: every temporary file under the
+    run's folder (at any depth) and every stage's own leftovers."""
+    remove_stale_temporaries(root)
+    for stage in stages:
+        stage.clean()
+
+
+class ShardStage(Stage):
+    """The common shape: shard N of ``input_dir`` -> shard N of ``output_dir``: ``NNNNN.tar`` (one
+    ``ShardWriter``), ``NNNNN.parquet`` (a status row per input sample) and ``NNNNN_stats.json``."""
+
+    input_dir: str
+    output_dir: str
+
+    def paths(self, unit: int) -> dict[str, Path]:
+        return shard_paths(self.root / self.output_dir, unit)
+
+    def input_tar(self, unit: int) -> Path:
+        return shard_paths(self.root / self.input_dir, unit)["tar"]
+
+    def marker(self, unit: int) -> Path:
+        return self.paths(unit)["stats"]
+
+    def status_table(self, unit: int) -> Path:
+        return self.paths(unit)["parquet"]
+
+    def outputs(self, unit: int, stats: dict) -> list[Path]:
+        return [self.paths(unit)["tar"], self.status_table(unit)]
+
+    def inputs(self, unit: int) -> list[Path]:
+        return [self.input_tar(unit)]
+
+    def process(self, unit: int) -> UnitResult:
+        with ShardWriter(self.paths(unit)["tar"]) as writer:
+            return self.process_shard(unit, self.input_tar(unit), writer)
+
+    @abstractmethod
+    def process_shard(self, unit: int, source: Path, writer: ShardWriter) -> UnitResult:
+        """Read ``source``, add this shard's samples to ``writer`` in key order."""
+
+
+def read_marker(marker: Path) -> dict | None:
+    return json.loads(marker.read_text()) if marker.exists() else None
+
+
+def execute_unit(stage: Stage, unit: int, store: RunStore | None = None) -> tuple[dict, bool]:
+    """Run one unit to completion unless it is complete; returns (its stats, whether it was skipped)."""
+    marker = stage.marker(unit)
+    if store is not None:
+        store.fetch_completed(marker, lambda stats: stage.outputs(unit, stats))
+    stats = read_marker(marker)
+    if stats is not None and stage.is_current(stats):
+        return stats, True
+    if store is not None:
+        for path in stage.inputs(unit):
+            store.fetch(path)
+    result = stage.process(unit)
+    table = stage.status_table(unit)
+    if table is not None:
+        schema = arrow_schema(stage.status_record) if stage.status_record is not None else None
+        write_parquet_atomic(table, result.statuses, schema)
+    write_json_atomic(marker, result.stats)  # the completion marker, last
+    if store is not None:
+        store.push_completed(marker, *stage.outputs(unit, result.stats))
+    return result.stats, False
+
+
+class StageDoFn(beam.DoFn):
+    """Unit id in; the downstream unit ids out once the unit is complete. ``out``: the run's
+    folder or object-store URL (each worker works in its own local mirror of it)."""
+
+    def __init__(self, stage: Stage, out: str):
+        self.stage = stage
+        self.out = out
+
+    def setup(self):
+        self.store = RunStore(self.out)
+        self.stage.metrics = BeamMetrics()
+        self.stage.bind(self.store.local).setup()
+
+    def process(self, unit: int) -> Iterator[int]:
+        stats, skipped = execute_unit(self.stage, unit, self.store)
+        name = self.stage.name
+        if not skipped:
+            for counter, value in self.stage.counters(stats).items():
+                self.stage.metrics.count(f"{name}_{counter}", value)
+        self.stage.metrics.count(f"{name}_units_skipped" if skipped else f"{name}_units")
+        yield from self.stage.downstream(unit, stats)
+
+    def teardown(self):
+        self.stage.teardown()
+
+
+def apply_stage(units: beam.PCollection, label: str, stage: Stage, out: str) -> beam.PCollection:
+    """``units`` spread over workers, then processed by ``stage``; returns the downstream units."""
+    return units | f"Spread{label}" >> beam.Reshuffle() | label >> beam.ParDo(StageDoFn(stage, out))
+
+
+def run_stage(stage: Stage, units: Iterable[int], out: str, runner: RunnerConfig, label: str) -> None:
+    """One stage over ``units`` on the configured Beam runner (the single-stage commands)."""
+    root = RunStore(out).local
+    clean_run(root, [stage.bind(root)])  # what killed workers of an earlier run left
+    with beam.Pipeline(runner=make_runner(runner), options=pipeline_options(runner)) as pipeline:
+        apply_stage(pipeline | f"{label}Units" >> beam.Create(list(units)), label, stage, out)
+    clean_run(root, [stage])
