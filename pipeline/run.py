@@ -86,15 +86,15 @@ def sync_completed(store: RunStore) -> None:
         paths = shard_paths(marker.parent, int(marker.name.split("_")[0]))
         return [paths["stats"], paths["tar"], paths["parquet"]]
 
-    fetches = [
-        [path] for path in store.in_store("urls/_select-*.json") + store.in_store("urls/part-*.parquet")
-    ]
+    fetches: list[list[Path]] = []  # a completed unit: its marker, then the files it vouches for
     pushes = []
     for stage in SHARD_STAGES:
         local = set((store.local / stage).glob("*_stats.json"))
         remote = set(store.in_store(f"{stage}/*_stats.json"))
         fetches += [unit(marker) for marker in sorted(remote - local)]
         pushes += [unit(marker) for marker in sorted(local - remote)]
+    selected = store.in_store("urls/_select-*.json") + store.in_store("urls/part-*.parquet")
+    store.remote.parallel(selected, store.fetch, "fetch selected url shards")
     store.remote.parallel(
         fetches, lambda files: store.fetch_completed(files[0], lambda _: files[1:]), "fetch finished shards"
     )

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from facemllm.pipeline.core.shards import SHARD_ID_DIGITS, repack_sorted, shard_paths
-from facemllm.pipeline.stages.framework import Stage, UnitResult
+from facemllm.pipeline.stages.framework import ShardOutputStage, UnitResult
 from facemllm.pipeline.stages.netguard import DestinationPolicy, install_guarded_opener
 from facemllm.pipeline.stages.select import url_shard_path
 from facemllm.schemas import StrictModel
@@ -90,10 +90,11 @@ def bound_decoder_pixels(max_pixels: int) -> None:
         )
 
 
-class DownloadStage(Stage):
+class DownloadStage(ShardOutputStage):
     """Runs img2dataset on one url shard, atomically and idempotently."""
 
     name = "download"
+    output_dir = "images"
 
     def __init__(self, config: DownloadConfig, samples_per_shard: int):
         self.config = config
@@ -137,18 +138,6 @@ class DownloadStage(Stage):
             user_agent_token=config.user_agent_token,
             disallowed_header_directives=config.disallowed_header_directives,
         )
-
-    def paths(self, unit: int) -> dict[str, Path]:
-        return shard_paths(self.root / "images", unit)
-
-    def marker(self, unit: int) -> Path:
-        return self.paths(unit)["stats"]
-
-    def status_table(self, unit: int) -> Path:
-        return self.paths(unit)["parquet"]
-
-    def outputs(self, unit: int, stats: dict) -> list[Path]:
-        return [self.paths(unit)["tar"], self.status_table(unit)]
 
     def inputs(self, unit: int) -> list[Path]:
         return [url_shard_path(self.root / "urls", unit)]

@@ -140,18 +140,14 @@ def clean_run(root: Path, stages: Iterable[Stage]) -> None:
         stage.clean()
 
 
-class ShardStage(Stage):
-    """The common shape: shard N of ``input_dir`` -> shard N of ``output_dir``: ``NNNNN.tar`` (one
-    ``ShardWriter``), ``NNNNN.parquet`` (a status row per input sample) and ``NNNNN_stats.json``."""
+class ShardOutputStage(Stage):
+    """A stage whose unit N writes shard N of ``output_dir``: ``NNNNN.tar``, ``NNNNN.parquet`` (a
+    status row per input element) and ``NNNNN_stats.json``, img2dataset's layout."""
 
-    input_dir: str
     output_dir: str
 
     def paths(self, unit: int) -> dict[str, Path]:
         return shard_paths(self.root / self.output_dir, unit)
-
-    def input_tar(self, unit: int) -> Path:
-        return shard_paths(self.root / self.input_dir, unit)["tar"]
 
     def marker(self, unit: int) -> Path:
         return self.paths(unit)["stats"]
@@ -161,6 +157,16 @@ class ShardStage(Stage):
 
     def outputs(self, unit: int, stats: dict) -> list[Path]:
         return [self.paths(unit)["tar"], self.status_table(unit)]
+
+
+class ShardStage(ShardOutputStage):
+    """The common shape: shard N of ``input_dir`` -> shard N of ``output_dir``, its samples
+    written through one ``ShardWriter``."""
+
+    input_dir: str
+
+    def input_tar(self, unit: int) -> Path:
+        return shard_paths(self.root / self.input_dir, unit)["tar"]
 
     def inputs(self, unit: int) -> list[Path]:
         return [self.input_tar(unit)]
