@@ -109,13 +109,13 @@ def run(config: RunConfig):
     out = store.local
     out.mkdir(parents=True, exist_ok=True)
     stages = make_stages(config)
-    clean_run(out, [stage.bind(out) for stage in stages.values()])
+    clean_run([stage.bind(out) for stage in stages.values()], run_folder=out)
     sync_completed(store)  # a resumed run sees what the store already holds
     with beam.Pipeline(
         runner=make_runner(config.runner), options=pipeline_options(config.runner)
     ) as pipeline:
         build(pipeline, config, stages)
-    clean_run(out, stages.values())
+    clean_run(stages.values(), run_folder=out)
     sync_completed(store)  # the manifest is built from every worker's shards
     pushed = []
     if "laion_face_qa" in stages:

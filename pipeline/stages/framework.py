@@ -126,16 +126,24 @@ class Stage(ABC):
         """The units this one feeds in the next stage (default: the same id)."""
         return [unit]
 
+    @abstractmethod
+    def folders(self) -> list[Path]:
+        """The folders this stage writes in, and nothing else: what ``clean_run`` may clean."""
+
     def clean(self) -> None:
         """Driver only, before and after a run: remove what killed workers left half-written
         beyond the temporary files ``clean_run`` removes (a stage's own work folders)."""
         return None
 
 
-def clean_run(root: Path, stages: Iterable[Stage]) -> None:
-    """Driver only, before and after a run, when no worker runs: every temporary file under the
-    run's folder (at any depth) and every stage's own leftovers."""
-    remove_stale_temporaries(root)
+def clean_run(stages: Iterable[Stage], run_folder: Path | None = None) -> None:
+    """Driver only, before and after a run, when no worker runs: every temporary file (at any
+    depth) under ``run_folder`` (``facemllm run``'s own output folder, where the driver writes
+    too), else under each stage's own folders only; then every stage's own leftovers."""
+    stages = list(stages)
+    folders = [run_folder] if run_folder is not None else [f for stage in stages for f in stage.folders()]
+    for folder in folders:
+        remove_stale_temporaries(folder)
     for stage in stages:
         stage.clean()
 
@@ -148,6 +156,9 @@ class ShardOutputStage(Stage):
 
     def paths(self, unit: int) -> dict[str, Path]:
         return shard_paths(self.root / self.output_dir, unit)
+
+    def folders(self) -> list[Path]:
+        return [self.root / self.output_dir]
 
     def marker(self, unit: int) -> Path:
         return self.paths(unit)["stats"]
@@ -240,7 +251,7 @@ def apply_stage(units: beam.PCollection, label: str, stage: Stage, out: str) -> 
 def run_stage(stage: Stage, units: Iterable[int], out: str, runner: RunnerConfig, label: str) -> None:
     """One stage over ``units`` on the configured Beam runner (the single-stage commands)."""
     root = RunStore(out).local
-    clean_run(root, [stage.bind(root)])  # what killed workers of an earlier run left
+    clean_run([stage.bind(root)])  # what killed workers of an earlier run left
     with beam.Pipeline(runner=make_runner(runner), options=pipeline_options(runner)) as pipeline:
         apply_stage(pipeline | f"{label}Units" >> beam.Create(list(units)), label, stage, out)
-    clean_run(root, [stage])
+    clean_run([stage])

@@ -66,6 +66,9 @@ class LaionFaceQAStage(Stage):
     def qa_dir(self) -> Path:
         return self.root / self.output_dir
 
+    def folders(self) -> list[Path]:
+        return [self.qa_dir / name for name in (MARKERS_DIR, CAPTION_DATASET, VQA_DATASET)]
+
     def marker(self, unit: int) -> Path:
         return shard_paths(self.qa_dir / MARKERS_DIR, unit)["stats"]
 

@@ -149,6 +149,9 @@ class ReformatStage(Stage):
     def chunks_dir(self) -> Path:
         return self.dataset_dir / CHUNKS_DIR
 
+    def folders(self) -> list[Path]:
+        return [self.dataset_dir]
+
     def chunk_ids(self) -> range:
         return range(math.ceil(len(self.reformatter.rows) / self.config.rows_per_chunk))
 

@@ -171,6 +171,9 @@ class SelectStage(Stage):
     def urls_dir(self) -> Path:
         return self.root / "urls"
 
+    def folders(self) -> list[Path]:
+        return [self.urls_dir]
+
     def marker(self, unit: int) -> Path:
         return self.urls_dir / f"_select-{unit:05d}.json"
 
