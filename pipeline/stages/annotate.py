@@ -23,7 +23,6 @@ stage alone over a folder of face shards.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
@@ -44,7 +43,7 @@ from facemllm.pipeline.stages.framework import (
     ShardStage,
     StageMetrics,
     UnitResult,
-    run_stage,
+    run_stage_on_folders,
 )
 from facemllm.schemas.annotation import AnnotationStatus, FaceAnnotation
 from facemllm.schemas.records import FaceRecord
@@ -339,15 +338,19 @@ def run_annotate(
     faces_dir: Path, annotations_dir: Path, config: AnnotateConfig, runner: RunnerConfig | None = None
 ):
     """``facemllm annotate``: this stage alone over completed face shards; returns its ShardManifest."""
-    faces_dir, annotations_dir = Path(faces_dir).resolve(), Path(annotations_dir).resolve()
+    faces_dir, annotations_dir = Path(faces_dir), Path(annotations_dir)
     check_annotate_config(config)
     shards = completed_shards(faces_dir)
     if not shards:
         raise FileNotFoundError(f"--in {faces_dir}: no completed face shards (NNNNN_stats.json) there")
-    root = Path(os.path.commonpath([faces_dir, annotations_dir]))
-    stage = AnnotateStage(config, str(faces_dir.relative_to(root)), str(annotations_dir.relative_to(root)))
-    runner = runner or RunnerConfig(direct_num_workers=1, direct_running_mode="in_memory")
-    run_stage(stage, shards, str(root), runner, "Annotate")
+    run_stage_on_folders(
+        lambda source, dest: AnnotateStage(config, source, dest),
+        faces_dir,
+        annotations_dir,
+        shards,
+        runner,
+        "Annotate",
+    )
     manifest = shard_stage_manifest(annotations_dir.parent, annotations_dir.name)
     write_sizes(annotations_dir, manifest.shards)
     return manifest

@@ -20,8 +20,9 @@ stages:
 from __future__ import annotations
 
 import json
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -246,6 +247,26 @@ class StageDoFn(beam.DoFn):
 def apply_stage(units: beam.PCollection, label: str, stage: Stage, out: str) -> beam.PCollection:
     """``units`` spread over workers, then processed by ``stage``; returns the downstream units."""
     return units | f"Spread{label}" >> beam.Reshuffle() | label >> beam.ParDo(StageDoFn(stage, out))
+
+
+def run_stage_on_folders(
+    make_stage: Callable[[str, str], Stage],
+    source: Path,
+    dest: Path,
+    units: Iterable[int],
+    runner: RunnerConfig | None,
+    label: str,
+) -> Stage:
+    """A stage that reads ``source`` and writes ``dest`` (``facemllm annotate``, ``laion-face-qa``),
+    run alone over ``units``: both folders relative to their common parent, the run's root; one
+    in-process worker by default (a worker's requests are already concurrent). Returns the stage,
+    bound to that root, for the driver's finishing step."""
+    source, dest = Path(source).resolve(), Path(dest).resolve()
+    root = Path(os.path.commonpath([source, dest]))
+    stage = make_stage(str(source.relative_to(root)), str(dest.relative_to(root)))
+    runner = runner or RunnerConfig(direct_num_workers=1, direct_running_mode="in_memory")
+    run_stage(stage, units, str(root), runner, label)
+    return stage.bind(root)
 
 
 def run_stage(stage: Stage, units: Iterable[int], out: str, runner: RunnerConfig, label: str) -> None:

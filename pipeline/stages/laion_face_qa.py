@@ -18,7 +18,6 @@ these datasets like the reformatted ones. ``facemllm laion-face-qa`` runs this s
 
 from __future__ import annotations
 
-import os
 from collections import Counter, defaultdict
 from contextlib import ExitStack
 from pathlib import Path
@@ -34,7 +33,7 @@ from facemllm.pipeline.core.shards import (
     shard_paths,
 )
 from facemllm.pipeline.runners import RunnerConfig
-from facemllm.pipeline.stages.framework import Stage, UnitResult, read_marker, run_stage
+from facemllm.pipeline.stages.framework import Stage, UnitResult, read_marker, run_stage_on_folders
 from facemllm.reformatters.laion_face import (
     CAPTION_DATASET,
     VQA_DATASET,
@@ -179,17 +178,21 @@ def run_laion_face_qa(
 ) -> dict[str, RunManifest]:
     """``facemllm laion-face-qa``: this stage alone over completed annotation shards (or, for
     annotation folders from before markers, every ``NNNNN.tar``); returns the datasets' manifests."""
-    annotations, out = Path(annotations).resolve(), Path(out).resolve()
+    annotations = Path(annotations)
     units = completed_shards(annotations) or sorted(
         int(p.stem) for p in annotations.glob("*.tar") if p.stem.isdigit()
     )
     if not units:
         raise FileNotFoundError(f"no annotation shards (NNNNN.tar) in {annotations}")
-    root = Path(os.path.commonpath([annotations, out]))  # the run store both folders live in
-    stage = LaionFaceQAStage(config, str(annotations.relative_to(root)), str(out.relative_to(root)))
-    runner = runner or RunnerConfig(direct_num_workers=1, direct_running_mode="in_memory")
-    run_stage(stage, units, str(root), runner, "LaionFaceQA")
-    return finalize(stage.bind(root), units)
+    stage = run_stage_on_folders(
+        lambda source, dest: LaionFaceQAStage(config, source, dest),
+        annotations,
+        Path(out),
+        units,
+        runner,
+        "LaionFaceQA",
+    )
+    return finalize(stage, units)
 
 
 def summary(manifests: dict[str, RunManifest]) -> dict:
