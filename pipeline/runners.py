@@ -33,6 +33,10 @@ class RunnerConfig(StrictModel):
         return self
 
 
+# One in-process worker: the default of the single-stage commands (annotate, laion-face-qa), whose
+# worker's requests are already concurrent and which in managed mode start a server per worker.
+IN_PROCESS_WORKER = RunnerConfig(direct_num_workers=1, direct_running_mode="in_memory")
+
 RUNNER_NAMES = {
     "portable": "PortableRunner",
     "dataflow": "DataflowRunner",

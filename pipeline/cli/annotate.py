@@ -12,7 +12,7 @@ import shlex
 
 from facemllm.annotators.annotate_config import AnnotateConfig
 from facemllm.pipeline.core.config import apply_overrides
-from facemllm.pipeline.runners import RunnerConfig
+from facemllm.pipeline.runners import IN_PROCESS_WORKER, RunnerConfig
 from facemllm.schemas import StrictModel
 
 VLLM_PYTHON_ENV = "FACEMLLM_VLLM_PYTHON"
@@ -20,9 +20,7 @@ VLLM_PYTHON_ENV = "FACEMLLM_VLLM_PYTHON"
 
 class AnnotateJob(StrictModel):
     annotate: AnnotateConfig
-    # one in-process worker by default: a worker's requests are already concurrent, and in managed
-    # mode each worker process starts its own server
-    runner: RunnerConfig = RunnerConfig(direct_num_workers=1, direct_running_mode="in_memory")
+    runner: RunnerConfig = IN_PROCESS_WORKER
 
 
 def add_annotate_arguments(parser: argparse.ArgumentParser) -> None:

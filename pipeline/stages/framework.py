@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from facemllm.pipeline.core.files import remove_stale_temporaries, write_json_atomic, write_parquet_atomic
 from facemllm.pipeline.core.shards import ShardWriter, shard_paths
 from facemllm.pipeline.core.storage import RunStore
-from facemllm.pipeline.runners import RunnerConfig, make_runner, pipeline_options
+from facemllm.pipeline.runners import IN_PROCESS_WORKER, RunnerConfig, make_runner, pipeline_options
 from facemllm.schemas.tables import arrow_schema
 
 METRICS_NAMESPACE = "facemllm"
@@ -259,12 +259,12 @@ def run_stage_on_folders(
 ) -> Stage:
     """A stage that reads ``source`` and writes ``dest`` (``facemllm annotate``, ``laion-face-qa``),
     run alone over ``units``: both folders relative to their common parent, the run's root; one
-    in-process worker by default (a worker's requests are already concurrent). Returns the stage,
+    in-process worker by default. Returns the stage,
     bound to that root, for the driver's finishing step."""
     source, dest = Path(source).resolve(), Path(dest).resolve()
     root = Path(os.path.commonpath([source, dest]))
     stage = make_stage(str(source.relative_to(root)), str(dest.relative_to(root)))
-    runner = runner or RunnerConfig(direct_num_workers=1, direct_running_mode="in_memory")
+    runner = runner or IN_PROCESS_WORKER
     run_stage(stage, units, str(root), runner, label)
     return stage.bind(root)
 
