@@ -56,8 +56,19 @@ class ClientSettings(StrictModel):
         description="name of the environment variable holding the API key (the key is never logged or stored)",
     )
     concurrency: int = Field(32, gt=0, description="requests in flight per worker")
-    timeout_s: float = Field(120.0, gt=0, description="per-request read timeout")
+    timeout_s: float = Field(120.0, gt=0, description="per-read timeout (no byte for this long)")
     connect_timeout_s: float = Field(10.0, gt=0)
+    deadline_s: float = Field(
+        600.0,
+        gt=0,
+        description="overall limit per request, from connect to the last byte: a server that trickles "
+        "bytes slower than one per timeout_s is cut off here (then retried like a timeout)",
+    )
+    max_response_bytes: int = Field(
+        16 << 20,
+        gt=0,
+        description="largest reply accepted, as sent and after decompression (a gzip bomb stops here)",
+    )
     max_retries: int = Field(
         4, ge=0, description="retries on 429, 5xx, timeouts, connection errors, bad bodies"
     )

@@ -14,9 +14,15 @@ retried with exponential backoff and jitter (``Retry-After`` honoured), up to ``
 other 4xx (a prompt too long for the context, a wrong model name) fail at once. Every failure ends
 as an ``Outcome`` with a named status, never as an exception out of ``annotate``.
 
+The server is not trusted. Each request has an overall deadline (``deadline_s``: httpx's timeout
+is per read, so a server trickling one byte a second would otherwise hold it forever); a reply is
+read in chunks and refused past ``max_response_bytes``, both as sent and as inflated (httpx
+inflates without a bound); token counts outside ``[0, MAX_USAGE_TOKENS]`` are ignored.
+
 The API key is read from the environment variable named by ``api_key_env`` and sent as a bearer
 token; it is never logged, never stored, and the server recorded in provenance is
-``scheme://host:port`` only.
+``scheme://host:port`` only. A server that echoes the key back (in an error body, even in a
+caption) gets it replaced by ``[redacted]`` before anything of its reply is kept.
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ import asyncio
 import base64
 import hashlib
 import json
+import math
 import os
 import random
 import re
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,10 +47,12 @@ from pydantic import ValidationError
 from facemllm.annotators.annotate_config import AnnotateConfig, ClientSettings
 from facemllm.annotators.prompts import Prompt, load_prompt
 from facemllm.annotators.request_cache import request_key
-from facemllm.schemas.annotation import FaceAttributes, FaceResponse, Provenance, TokenUsage
+from facemllm.schemas.annotation import MAX_USAGE_TOKENS, FaceAttributes, FaceResponse, Provenance, TokenUsage
 
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]+")
 FENCE = re.compile(r"^```(?:json)?\s*|\s*```$")
+REDACTED = "[redacted]"
+ACCEPTED_ENCODINGS = "gzip, deflate"  # the encodings BoundedBody inflates; asked for explicitly
 
 
 def redact_url(url: str) -> str:
@@ -86,6 +96,83 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+class Redactor:
+    """Replaces secrets in anything a server sent before it is kept: error text, reply bodies.
+
+    A JSON body may spell ``/`` as ``\\/``; both spellings are replaced."""
+
+    def __init__(self, secrets: list[str]):
+        spellings = {
+            spelling for secret in secrets if secret for spelling in (secret, secret.replace("/", "\\/"))
+        }
+        self._spellings = sorted(spellings, key=len, reverse=True)
+
+    def text(self, value: str) -> str:
+        for secret in self._spellings:
+            value = value.replace(secret, REDACTED)
+        return value
+
+    def bytes(self, value: bytes) -> bytes:
+        for secret in self._spellings:
+            value = value.replace(secret.encode(), REDACTED.encode())
+        return value
+
+
+class ReplyTooLarge(Exception):
+    pass
+
+
+class BoundedBody:
+    """A reply body read chunk by chunk, inflated (gzip, deflate) with a bound on both sizes.
+
+    httpx inflates without a bound, so a 0.5 MB gzip reply can become 512 MiB in memory; here
+    ``zlib``'s ``max_length`` stops inflating one byte past the limit."""
+
+    def __init__(self, encoding: str, limit: int):
+        self.limit = limit
+        self.raw = 0
+        self.parts: list[bytes] = []
+        self.size = 0
+        encoding = encoding.strip().lower()
+        if encoding in ("", "identity"):
+            self._inflater = None
+        elif encoding in ("gzip", "x-gzip"):
+            self._inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        elif encoding == "deflate":
+            self._inflater = zlib.decompressobj()
+        else:
+            raise ValueError(f"content-encoding {encoding!r} was not asked for")
+
+    def feed(self, chunk: bytes) -> None:
+        self.raw += len(chunk)
+        if self.raw > self.limit:
+            raise ReplyTooLarge(f"reply larger than max_response_bytes={self.limit} as sent")
+        if self._inflater is not None:
+            chunk = self._inflater.decompress(chunk, self.limit - self.size + 1)
+        self._keep(chunk)
+
+    def finish(self) -> bytes:
+        if self._inflater is not None:
+            self._keep(self._inflater.flush())
+        return b"".join(self.parts)
+
+    def _keep(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise ReplyTooLarge(f"reply larger than max_response_bytes={self.limit} once inflated")
+        self.parts.append(chunk)
+
+
+@dataclass
+class Reply:
+    status_code: int
+    headers: httpx.Headers
+    body: bytes
+
+    def text(self, limit: int) -> str:
+        return self.body[:limit].decode("utf-8", "replace")
+
+
 @dataclass
 class ClientStats:
     """Counters of one client: HTTP requests, retries by reason, requests in flight over time."""
@@ -112,12 +199,13 @@ class ChatClient:
         self.config = config
         self.stats = ClientStats(timeline=[] if track_timeline else None)
         self._http: httpx.AsyncClient | None = None
+        self._api_key = os.environ.get(config.api_key_env) or None
+        self.redactor = Redactor([self._api_key] if self._api_key else [])
 
     async def __aenter__(self) -> ChatClient:
-        headers = {}
-        api_key = os.environ.get(self.config.api_key_env)
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
+        headers = {"Accept-Encoding": ACCEPTED_ENCODINGS}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
         limit = self.config.concurrency
         self._http = httpx.AsyncClient(
             base_url=self.base_url + "/",
@@ -131,7 +219,8 @@ class ChatClient:
         await self._http.aclose()
 
     async def complete(self, payload: dict) -> tuple[dict, int]:
-        """The completion body and the number of HTTP requests it took; raises ``RequestFailure``."""
+        """The completion body and the number of HTTP requests it took; raises ``RequestFailure``
+        whose message holds no secret."""
         config = self.config
         attempts = 0
         while True:
@@ -140,7 +229,8 @@ class ChatClient:
                 return await self._post_once(payload), attempts
             except _Retryable as err:
                 if attempts > config.max_retries:
-                    raise RequestFailure(err.reason, f"{err} (after {attempts} attempts)", attempts) from None
+                    message = self.redactor.text(f"{err} (after {attempts} attempts)")
+                    raise RequestFailure(err.reason, message, attempts) from None
                 self.stats.retries[err.reason] = self.stats.retries.get(err.reason, 0) + 1
                 delay = min(config.backoff_max_s, config.backoff_s * 2 ** (attempts - 1))
                 delay *= 0.5 + random.random() / 2  # jitter, so retries of a burst spread out
@@ -148,45 +238,65 @@ class ChatClient:
                     delay = max(delay, min(err.retry_after, config.backoff_max_s))
                 await asyncio.sleep(delay)
             except RequestFailure as err:
-                err.attempts = attempts
-                raise
+                raise RequestFailure(err.reason, self.redactor.text(str(err)), attempts) from None
 
     async def _post_once(self, payload: dict) -> dict:
         self.stats.requests += 1
         self.stats._change(+1)
         try:
-            response = await self._http.post("chat/completions", json=payload)
+            async with asyncio.timeout(self.config.deadline_s):
+                reply = await self._exchange(payload)
+        except TimeoutError:
+            raise _Retryable(
+                "timeout", f"no complete reply from {self.server} within deadline_s={self.config.deadline_s}"
+            ) from None
         except httpx.TimeoutException as err:
             raise _Retryable("timeout", f"{type(err).__name__} from {self.server}") from None
-        except httpx.DecodingError as err:  # a body that does not decode (bad gzip, bad charset)
+        except (httpx.DecodingError, zlib.error) as err:  # a body that does not inflate
             raise _Retryable("malformed_response", f"undecodable body from {self.server}: {err}") from None
+        except (ReplyTooLarge, ValueError) as err:  # another try would bring the same bytes
+            raise RequestFailure("malformed_response", f"{err} from {self.server}", 0) from None
         except httpx.RequestError as err:  # connect, read, write and protocol errors
             raise _Retryable("connection_error", f"{type(err).__name__} from {self.server}: {err}") from None
         finally:
             self.stats._change(-1)
-        if response.status_code == 429:
-            raise _Retryable("rate_limited", "HTTP 429", _retry_after(response))
-        if response.status_code >= 500:
-            raise _Retryable("server_error", f"HTTP {response.status_code}: {response.text[:200]}")
-        if response.status_code >= 400:
-            raise RequestFailure("client_error", f"HTTP {response.status_code}: {response.text[:300]}", 0)
+        if reply.status_code == 429:
+            raise _Retryable("rate_limited", "HTTP 429", _retry_after(reply.headers))
+        if reply.status_code >= 500:
+            raise _Retryable("server_error", f"HTTP {reply.status_code}: {reply.text(200)}")
+        if reply.status_code >= 400:
+            raise RequestFailure("client_error", f"HTTP {reply.status_code}: {reply.text(300)}", 0)
         try:
-            body = response.json()
+            body = json.loads(reply.body)
             content = body["choices"][0]["message"]["content"]
             if not isinstance(content, str):
                 raise TypeError("content is not a string")
         except (ValueError, KeyError, IndexError, TypeError) as err:
             raise _Retryable(
-                "malformed_response", f"not a chat completion ({err}): {response.text[:120]!r}"
+                "malformed_response", f"not a chat completion ({err}): {reply.text(120)!r}"
             ) from None
         return body
 
+    async def _exchange(self, payload: dict) -> Reply:
+        """One POST, its body read within ``max_response_bytes`` and stripped of secrets."""
+        async with self._http.stream("POST", "chat/completions", json=payload) as response:
+            limit = self.config.max_response_bytes
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise ReplyTooLarge(f"reply of {declared} bytes, over max_response_bytes={limit}")
+            body = BoundedBody(response.headers.get("content-encoding", ""), limit)
+            async for chunk in response.aiter_raw():
+                body.feed(chunk)
+            return Reply(response.status_code, response.headers, self.redactor.bytes(body.finish()))
 
-def _retry_after(response: httpx.Response) -> float | None:
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    """``Retry-After`` in seconds when it is a sane number (a date or ``inf`` is ignored)."""
     try:
-        return float(response.headers["retry-after"])
+        seconds = float(headers["retry-after"])
     except (KeyError, ValueError):
         return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 @dataclass
@@ -203,12 +313,16 @@ class Answer:
         }
 
     @classmethod
-    def from_cache(cls, value: dict) -> Answer:
+    def from_cache(cls, value: object) -> Answer:
+        """A cached answer, validated again as when it arrived (a cache file is outside data: an
+        older version's, or hand-edited); raises ``ValueError`` for one that would not pass now."""
+        if not isinstance(value, dict) or not isinstance(value.get("caption"), str) or not value["caption"]:
+            raise ValueError("a cached answer without a caption")
         attributes = value.get("attributes")
         return cls(
             caption=value["caption"],
             attributes=None if attributes is None else FaceAttributes.model_validate(attributes),
-            provenance=Provenance.model_validate(value["provenance"]),
+            provenance=Provenance.model_validate(value.get("provenance")),
         )
 
 
@@ -351,7 +465,7 @@ class MLLMAnnotator:
                 key, "invalid_output", error=str(err), attempts=attempts, latency_s=_since(started)
             )
         except Exception as err:  # a bug or an odd server must not stop the shard: record it
-            error = f"unexpected {type(err).__name__}: {err}"
+            error = client.redactor.text(f"unexpected {type(err).__name__}: {err}")
             return Outcome(key, "client_error", error=error, attempts=attempts, latency_s=_since(started))
         latency = _since(started)
         provenance = Provenance(
@@ -372,11 +486,13 @@ class MLLMAnnotator:
 
 
 def _add_usage(usage: TokenUsage, body: dict) -> None:
-    got = body.get("usage") or {}
+    """Add a reply's token counts; a count that is not an int in ``[0, MAX_USAGE_TOKENS]`` is no
+    usage a server can have had, and is ignored rather than summed into counters and tables."""
+    got = body.get("usage")
     for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
-        value = got.get(name)
-        if isinstance(value, int):
-            setattr(usage, name, getattr(usage, name) + value)
+        value = got.get(name) if isinstance(got, dict) else None
+        if type(value) is int and 0 <= value <= MAX_USAGE_TOKENS:
+            setattr(usage, name, min(MAX_USAGE_TOKENS, getattr(usage, name) + value))
 
 
 def _since(started: float) -> float:

@@ -204,10 +204,15 @@ class FaceResponse(StrictModel):
     attributes: FaceAttributes
 
 
+MAX_USAGE_TOKENS = 1 << 26  # more tokens than any context holds: such a count is refused, not summed
+
+
 class TokenUsage(StrictModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
+    """Tokens a server reported; bounded, so a hostile reply cannot overflow a counter or a column."""
+
+    prompt_tokens: int = Field(0, ge=0, le=MAX_USAGE_TOKENS)
+    completion_tokens: int = Field(0, ge=0, le=MAX_USAGE_TOKENS)
+    total_tokens: int = Field(0, ge=0, le=MAX_USAGE_TOKENS)
 
 
 class Provenance(StrictModel):
@@ -221,8 +226,12 @@ class Provenance(StrictModel):
     prompt_sha256: str = Field(description="sha256 of the prompt file's text (catches edits without a bump)")
     sampling: dict[str, Any] = Field(default_factory=dict, description="temperature, top_p, max_tokens, seed")
     server: str | None = Field(None, description="scheme://host:port of the server, without credentials")
-    latency_s: float = Field(0.0, description="wall time of the successful request (all attempts)")
-    attempts: int = Field(1, description="HTTP requests made for this answer (retries and repair included)")
+    latency_s: float = Field(
+        0.0, ge=0, allow_inf_nan=False, description="wall time of the successful request (all attempts)"
+    )
+    attempts: int = Field(
+        1, ge=0, le=1 << 20, description="HTTP requests made for this answer (retries and repair included)"
+    )
     repaired: bool = Field(False, description="the first answer was invalid and a repair request fixed it")
     usage: TokenUsage = TokenUsage()
     raw_response_sha256: str | None = Field(None, description="sha256 of the model's raw message content")

@@ -23,6 +23,7 @@ stage alone over a folder of face shards.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
@@ -49,6 +50,7 @@ from facemllm.schemas.annotation import AnnotationStatus, FaceAnnotation
 from facemllm.schemas.records import FaceRecord
 
 CACHE_DIR_NAME = "_cache"
+log = logging.getLogger(__name__)
 
 
 def check_annotate_config(config: AnnotateConfig) -> None:
@@ -160,9 +162,7 @@ class AnnotateStage(ShardStage):
 
             async def ask(key: str, image: bytes) -> Outcome:
                 cache_key = annotator.cache_key(image)
-                hit = cache.get(cache_key)
-                if hit is not None:
-                    answer = Answer.from_cache(hit)
+                if (answer := cached_answer(cache, cache_key)) is not None:
                     return Outcome(
                         key, "success", answer=answer, latency_s=answer.provenance.latency_s, cached=True
                     )
@@ -258,6 +258,19 @@ def summarize_annotation_statuses(
         "requests": extra.get("requests", 0),
         "retries": extra.get("retries", {}),
     }
+
+
+def cached_answer(cache: RequestCache, cache_key: str) -> Answer | None:
+    """The cached answer for a request, or None to ask the server: also when the entry does not
+    validate any more (a reply from before a bound existed), so one bad entry never poisons a shard."""
+    hit = cache.get(cache_key)
+    if hit is None:
+        return None
+    try:
+        return Answer.from_cache(hit)
+    except ValueError as err:
+        log.warning("discarding a cached answer that does not validate: %s", str(err).splitlines()[0])
+        return None
 
 
 def _start_server(config: AnnotateConfig):
