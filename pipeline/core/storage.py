@@ -107,8 +107,34 @@ def open_url(url: str, mode: str = "rb", options: StorageOptions | None = None) 
     return fs.open(path, mode)
 
 
+class UnsafePathError(ValueError):
+    """A path (from a manifest, most often) that would leave the root it is relative to."""
+
+
+def checked_relative(rel: str) -> str:
+    """``rel`` when it names something under a root: relative, ``/``-separated, without ``..``,
+    ``.`` or empty parts, backslashes, NUL, a drive or a URL scheme; else ``UnsafePathError``.
+
+    Manifests are outside data (a published DEST may be anyone's): their shard urls reach the
+    store only through this check."""
+    parts = rel.split("/") if isinstance(rel, str) else [""]
+    if (
+        any(part in ("", ".", "..") for part in parts)
+        or "\\" in rel
+        or "\x00" in rel
+        or ":" in parts[0]
+    ):
+        raise UnsafePathError(f"{rel!r} is not a path under the root (absolute, '..', or odd)")
+    return rel
+
+
+def _is_within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
 class Storage:
-    """A folder or object-store prefix; every path given to it is relative to ``root``."""
+    """A folder or object-store prefix; every path given to it is relative to ``root`` and must
+    stay under it (``checked_relative``; for a local folder, symbolic links included)."""
 
     def __init__(self, root: str | Path, options: StorageOptions | None = None):
         self.options = options or StorageOptions()
@@ -118,12 +144,17 @@ class Storage:
             self.root_url, **filesystem_options(self.protocol, self.options)
         )
         self.root = root_path.rstrip("/")
+        self._real_root = None if is_remote(self.root_url) else os.path.realpath(self.root or "/")
 
     def path(self, rel: str) -> str:
-        return f"{self.root}/{rel}"
+        """The filesystem path of ``rel``, refused when it would leave the root."""
+        path = f"{self.root}/{checked_relative(rel)}"
+        if self._real_root is not None and not _is_within(os.path.realpath(path), self._real_root):
+            raise UnsafePathError(f"{rel!r} resolves outside {self.root_url} (a symbolic link)")
+        return path
 
     def url(self, rel: str) -> str:
-        return f"{self.root_url}/{rel}"
+        return f"{self.root_url}/{checked_relative(rel)}"
 
     def retrying(self, what: str, call: Callable[[], Result]) -> Result:
         """``call()``, retried with exponential backoff and jitter on errors another try may fix."""

@@ -23,7 +23,7 @@ import posixpath
 import re
 from collections.abc import Iterable
 
-from facemllm.pipeline.core.storage import Storage, StorageOptions
+from facemllm.pipeline.core.storage import Storage, StorageOptions, checked_relative
 from facemllm.schemas import PublishedManifest, RunManifest, ShardInfo
 
 CURRENT_MANIFEST = "manifest.json"
@@ -81,6 +81,15 @@ def all_shards(manifest: RunManifest) -> list[ShardInfo]:
     return [shard for stage in manifest.stages.values() for shard in stage.shards]
 
 
+def checked_shards(manifest: RunManifest) -> list[ShardInfo]:
+    """``all_shards``, after refusing the whole manifest if any url would leave its root: checked
+    up front, so a hostile manifest transfers nothing at all (``UnsafePathError``)."""
+    shards = all_shards(manifest)
+    for shard in shards:
+        checked_relative(shard.url)
+    return shards
+
+
 def shard_urls(
     dest: str, stage: str, options: StorageOptions | None = None, version: int | None = None
 ) -> list[str]:
@@ -102,7 +111,7 @@ def commit_version(storage: Storage, manifest: PublishedManifest, new_folders: I
         in_folder = {
             posixpath.basename(s.url): s.nsamples for s in shards if posixpath.dirname(s.url) == folder
         }
-        storage.write_json(f"{folder}/sizes.json", in_folder)
+        storage.write_json(posixpath.join(folder, "sizes.json"), in_folder)
     for stage, stage_manifest in manifest.stages.items():
         if stage_manifest.shards:
             storage.write_json(wids_index_name(stage, manifest.version), wids_index(stage_manifest.shards))

@@ -16,6 +16,7 @@ from facemllm.pipeline.core.storage import Storage, StorageOptions
 from facemllm.pipeline.publishing.layout import (
     CURRENT_MANIFEST,
     all_shards,
+    checked_shards,
     commit_version,
     read_manifest,
     version_manifest_name,
@@ -65,6 +66,7 @@ def publish(out: Path, dest: str, options: StorageOptions | None = None) -> Publ
     means a removal made since is never undone by publishing the original run again.
     """
     manifest = collect_run_manifest(Path(out))
+    shards = checked_shards(manifest)
     storage = Storage(dest, options)
     current = read_manifest(storage)
     if current is not None:
@@ -81,12 +83,12 @@ def publish(out: Path, dest: str, options: StorageOptions | None = None) -> Publ
         raise PublishConflictError(
             f"{dest} already holds another dataset (version {current.version}); publish to a new prefix"
         )
-    shards = all_shards(manifest)
+    run = Storage(out, options)  # reads go through the same path check as writes
 
     def upload(shard: ShardInfo) -> bool:
         if storage.holds(shard.url, shard.bytes, shard.sha256):
             return False  # a resumed upload: already there
-        storage.put(Path(out) / shard.url, shard.url, shard.sha256)  # refuses a file that changed
+        storage.put(Path(run.path(shard.url)), shard.url, shard.sha256)  # refuses a file that changed
         return True
 
     uploaded = storage.parallel(shards, upload, f"publish {dest}", size_of=lambda s: s.bytes)

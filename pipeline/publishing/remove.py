@@ -19,6 +19,7 @@ from pydantic import Field
 from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples, shard_info
 from facemllm.pipeline.core.storage import Storage, StorageOptions
 from facemllm.pipeline.publishing.layout import (
+    checked_shards,
     commit_version,
     manifest_of_version,
     version_manifest_name,
@@ -153,6 +154,7 @@ def remove(
     if not storage.exists(version_manifest_name(current.version)):  # a run written straight to DEST
         storage.write_json(version_manifest_name(current.version), current.model_dump(mode="json"))
     version = current.version + 1
+    checked_shards(current)
     jobs = [(stage, shard) for stage, m in current.stages.items() for shard in m.shards]
     with tempfile.TemporaryDirectory(dir=scratch, prefix="facemllm-remove-") as work:
         rewrites = storage.parallel(

@@ -13,7 +13,7 @@ import tarfile
 from pydantic import computed_field
 
 from facemllm.pipeline.core.shards import check_member_name, split_member_name
-from facemllm.pipeline.core.storage import MIB, Storage, StorageOptions
+from facemllm.pipeline.core.storage import MIB, Storage, StorageOptions, UnsafePathError
 from facemllm.pipeline.publishing.layout import all_shards, manifest_of_version
 from facemllm.schemas import ShardInfo, StrictModel
 
@@ -78,10 +78,12 @@ def inspect_shard(storage: Storage, url: str) -> tuple[str, int, int]:
 
 def check_shard(storage: Storage, shard: ShardInfo) -> ShardProblem | None:
     """None when the stored shard matches its manifest entry, else what differs."""
-    if storage.size(shard.url) is None:
-        return ShardProblem(url=shard.url, problem="missing")
     try:
+        if storage.size(shard.url) is None:
+            return ShardProblem(url=shard.url, problem="missing")
         sha256, nsamples, size = inspect_shard(storage, shard.url)
+    except UnsafePathError as err:  # a manifest entry pointing outside DEST: never read
+        return ShardProblem(url=shard.url, problem=f"unsafe url: {err}")
     except ValueError as err:  # CorruptShardError, or an unsafe or malformed member name
         return ShardProblem(url=shard.url, problem=f"unreadable: {err}")
     differences = [
