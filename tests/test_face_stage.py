@@ -9,6 +9,7 @@ import tarfile
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks._common import peak_rss_mb, reset_peak_rss
 from facemllm.annotators.faces import FaceConfig
 from facemllm.pipeline.core.shards import ShardWriter, UnsafeTarError, iter_tar_samples, shard_paths
 from facemllm.pipeline.stages.faces import FaceStage
@@ -71,3 +72,61 @@ def test_hostile_image_tar_is_rejected_and_leaves_no_shard(stage, tmp_path, name
         execute_unit(stage, 9)
     assert not any(path.exists() for path in shard_paths(tmp_path / "faces", 9).values())
     assert not list((tmp_path / "faces").glob(".*tmp*"))
+
+
+class _GeneratedTar(io.RawIOBase):
+    """A tar stream made on the fly: a ``big.jpg`` of ``big`` zero bytes (never held in memory),
+    then ``big.json`` and ``small.jpg``."""
+
+    def __init__(self, big: int):
+        def pieces():
+            yield _header("big.jpg", big)
+            for _ in range(big // (1 << 20)):
+                yield bytes(1 << 20)
+            yield bytes(-big % 512)
+            for name, payload in (("big.json", b"{}"), ("small.jpg", b"\xff\xd8small")):
+                yield _header(name, len(payload)) + payload + bytes(-len(payload) % 512)
+            yield bytes(1024)
+
+        self._pieces = pieces()
+        self._buffer = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        while not self._buffer:
+            self._buffer = next(self._pieces, None)
+            if self._buffer is None:
+                return 0
+        n = min(len(target), len(self._buffer))
+        target[:n], self._buffer = self._buffer[:n], self._buffer[n:]
+        return n
+
+
+def _header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    return info.tobuf(format=tarfile.PAX_FORMAT)
+
+
+def test_a_huge_tar_member_is_skipped_unread_and_its_sample_still_comes():
+    """A 1 GiB member was read whole (1.47 GB peak); now it is skipped at bounded memory."""
+    reset_peak_rss()
+    before = peak_rss_mb()
+    samples = list(iter_tar_samples(_GeneratedTar(1 << 30)))
+    assert peak_rss_mb() - before < 100
+    assert samples == [("big", {"json": b"{}"}), ("small", {"jpg": b"\xff\xd8small"})]
+
+
+def test_an_image_over_the_member_bound_gets_a_status_row(stage, tmp_path, monkeypatch):
+    monkeypatch.setattr("facemllm.pipeline.core.shards.MAX_MEMBER_BYTES", 192 << 10)
+    photo = insightface_t1().read_bytes()
+    with ShardWriter(shard_paths(tmp_path / "images", 4)["tar"]) as writer:
+        writer.add("000040000", {"jpg": photo, "json": b"{}"})
+        writer.add("000040001", {"jpg": photo + bytes(128 << 10), "json": b"{}"})
+    stats, _ = execute_unit(stage, 4)
+    rows = pq.read_table(shard_paths(tmp_path / "faces", 4)["parquet"]).to_pylist()
+    assert [row["source_key"] for row in rows] == ["000040000", "000040001"]
+    assert rows[0]["status"] == "success" and rows[1]["status"] != "success"
+    assert stats["images"] == 2

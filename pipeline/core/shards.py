@@ -25,7 +25,9 @@ from facemllm.pipeline.core.storage import StorageOptions, open_url
 from facemllm.schemas import ShardInfo
 
 log = logging.getLogger(__name__)
-MAX_MEMBER_BYTES = 256 << 20  # a streamed shard's member larger than this is skipped, never read
+# A member larger than this is skipped, never read: no image, crop or label a stage needs comes
+# near it, and a 1 GiB member read whole took 1.47 GB.
+MAX_MEMBER_BYTES = 64 << 20
 
 Sample = dict[str, bytes]  # extension -> payload, e.g. {"jpg": ..., "json": ...}
 
@@ -129,9 +131,11 @@ def _checked(member: tarfile.TarInfo) -> tuple[str, str]:
     return split_member_name(member.name)
 
 
-def group_samples(members: Iterable[tuple[str, str, bytes]]) -> Iterator[tuple[str, Sample]]:
+def group_samples(members: Iterable[tuple[str, str, bytes | None]]) -> Iterator[tuple[str, Sample]]:
     """Consecutive ``(key, ext, data)`` members -> ``(key, {ext: data})`` samples, in order; a
-    member name seen before (a duplicate, or a key whose members are not contiguous) is refused."""
+    member name seen before (a duplicate, or a key whose members are not contiguous) is refused.
+    A member whose data is None (skipped) is left out, but its sample still comes, so the stage
+    reading it accounts for it (a sample without its ``jpg`` gets a status, never vanishes)."""
     current_key: str | None = None
     sample: Sample = {}
     seen: set[str] = set()
@@ -145,18 +149,22 @@ def group_samples(members: Iterable[tuple[str, str, bytes]]) -> Iterator[tuple[s
             current_key, sample = key, {}
         if ext in sample:
             raise ShardFormatError(f"member {key}.{ext} appears twice")
-        sample[ext] = data
+        if data is not None:
+            sample[ext] = data
     if current_key is not None:
         yield current_key, sample
 
 
 def _members(
-    tar: tarfile.TarFile, where: str, max_member_bytes: int | None
-) -> Iterator[tuple[str, str, bytes]]:
+    tar: tarfile.TarFile, where: str, max_member_bytes: int
+) -> Iterator[tuple[str, str, bytes | None]]:
     for member in tar:
         key, ext = _checked(member)
-        if max_member_bytes is not None and member.size > max_member_bytes:
-            log.warning("skipping %s in %s: %d bytes", member.name, where, member.size)
+        if member.size > max_member_bytes:
+            log.warning(
+                "skipping %s in %s: %d bytes, over %d", member.name, where, member.size, max_member_bytes
+            )
+            yield key, ext, None
             continue
         yield key, ext, tar.extractfile(member).read()
 
@@ -165,7 +173,9 @@ def iter_tar_samples(
     source: Path | bytes | IO[bytes], max_member_bytes: int | None = None
 ) -> Iterator[tuple[str, Sample]]:
     """Yield ``(key, {ext: bytes})`` in tar order from a shard file, its bytes or an open stream,
-    refusing unsafe, non-file and duplicate members; members over ``max_member_bytes`` are skipped."""
+    refusing unsafe, non-file and duplicate members; a member over ``max_member_bytes`` (default
+    ``MAX_MEMBER_BYTES``) is skipped unread, its sample yielded without it."""
+    max_member_bytes = MAX_MEMBER_BYTES if max_member_bytes is None else max_member_bytes
     where = str(source) if isinstance(source, str | Path) else "stream"
     if isinstance(source, bytes):
         source = io.BytesIO(source)
@@ -179,10 +189,10 @@ def iter_tar_samples(
 
 
 def iter_tar_url(url: str, options: StorageOptions | None = None) -> Iterator[tuple[str, Sample]]:
-    """The same reader over any local path or fsspec URL, streamed; members over 256 MiB are skipped
-    (training and evaluation read shards published by others)."""
+    """The same reader over any local path or fsspec URL, streamed (training and evaluation read
+    shards published by others)."""
     with open_url(url, "rb", options) as raw:
-        yield from iter_tar_samples(raw, MAX_MEMBER_BYTES)
+        yield from iter_tar_samples(raw)
 
 
 def repack_sorted(source: Path, final: Path) -> int:
