@@ -78,7 +78,14 @@ class ClientSettings(StrictModel):
 
 # Settings that change how a run talks to its server, not what the annotations say: left out of
 # the run's output hash.
-ANNOTATE_RUNTIME_FIELDS = {*ClientSettings.model_fields, "endpoint", "server", "cache", "cache_dir"}
+ANNOTATE_RUNTIME_FIELDS = {
+    *ClientSettings.model_fields,
+    "endpoint",
+    "server",
+    "cache",
+    "cache_dir",
+    "max_failure_rate",
+}
 
 
 class AnnotateConfig(ClientSettings):
@@ -108,6 +115,14 @@ class AnnotateConfig(ClientSettings):
     repair: bool = Field(
         True, description="one repair request when an answer is not valid JSON for the schema"
     )
+    max_failure_rate: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="above this share of faces sent that got no valid annotation, the command says so "
+        "loudly and exits 1 (the shards stay complete; removing a shard's _stats.json makes a rerun ask "
+        "again for its failed faces only, the others come from the request cache)",
+    )
     cache: bool = Field(True, description="reuse answers for faces already answered (resumed runs)")
     cache_dir: str | None = Field(None, description="request cache folder; default OUT/annotations/_cache")
 
@@ -128,6 +143,22 @@ class AnnotateConfig(ClientSettings):
             )
         if self.endpoint and not self.model:
             raise ValueError("annotate.model: the served model name is required with annotate.endpoint")
+
+    def failure_report(self, counts: dict[str, int]) -> str | None:
+        """A message when more than ``max_failure_rate`` of the faces sent got no valid annotation
+        (from a stage's status counts; ``bad_input`` faces were never sent), else None."""
+        failed = {
+            status: n for status, n in counts.items() if status not in ("success", "bad_input", "samples")
+        }
+        sent = counts.get("success", 0) + sum(failed.values())
+        if not sent or sum(failed.values()) <= self.max_failure_rate * sent:
+            return None
+        reasons = ", ".join(f"{status} {n}" for status, n in sorted(failed.items(), key=lambda kv: -kv[1]))
+        return (
+            f"{sum(failed.values())} of {sent} faces sent got no valid annotation ({reasons}), above "
+            f"annotate.max_failure_rate={self.max_failure_rate}; the error column of the status "
+            "tables (annotations/*.parquet) says why"
+        )
 
     @property
     def request_model(self) -> str:

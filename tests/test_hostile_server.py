@@ -19,6 +19,7 @@ from benchmarks._common import peak_rss_mb, reset_peak_rss
 from facemllm.annotators.annotate_config import AnnotateConfig
 from facemllm.annotators.mllm_client import ChatClient, MLLMAnnotator, Outcome
 from facemllm.annotators.request_cache import RequestCache
+from facemllm.pipeline.cli import main
 from facemllm.pipeline.core.shards import iter_tar_samples, shard_paths
 from facemllm.pipeline.stages.annotate import CACHE_DIR_NAME, AnnotateStage
 from facemllm.pipeline.stages.framework import execute_unit
@@ -198,3 +199,21 @@ def test_absurd_usage_is_ignored_and_a_poisoned_cache_entry_is_asked_again(tmp_p
     assert stats["status"] == {"success": 1} and rows[0]["prompt_tokens"] == 10 and not rows[0]["cached"]
     assert len(RequestCache(cache_file)) == 1
     AnnotationStatus.model_validate(rows[0])
+
+
+def test_annotate_command_exits_1_loudly_when_too_many_faces_fail(tmp_path, capsys):
+    """45 of 45 faces invalid_output used to exit 0 with nothing but the summary table."""
+    keys = [f"000000000_{n:02d}" for n in range(4)]
+    face_shard(tmp_path, keys)
+    (tmp_path / "faces" / "00000_stats.json").write_text("{}")
+    with HostileServer(["ok", "prose"], ANSWER) as server:
+        args = ["annotate", "--in", str(tmp_path / "faces"), "--out", str(tmp_path / "annotations")]
+        args += ["--endpoint", server.url, "--model", "hostile", "--concurrency", "1"]
+        args += ["--set", "annotate.max_retries=0", "--set", "annotate.repair=false"]
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert "FAILED: 3 of 4 faces sent got no valid annotation (invalid_output 3)" in err
+        assert "annotate.max_failure_rate=0.05" in err
+        # a tolerated rate: the same complete shards (trusted, nothing asked again), exit 0
+        assert main([*args, "--set", "annotate.max_failure_rate=0.8"]) == 0
+        assert len(server.requests) == 4

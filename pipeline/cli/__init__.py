@@ -24,8 +24,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from facemllm.pipeline.run import run
 
     config = load_config(args.config, args.overrides)
-    print_summary(run(config))
-    return 0
+    manifest = run(config)
+    print_summary(manifest)
+    annotations = manifest.stages.get("annotations")
+    return _annotate_exit_code("run", config.annotate, annotations.counts if annotations else {})
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -43,7 +45,15 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     annotate, runner = annotate_job_from_args(args)
     manifest = run_annotate(Path(args.input), Path(args.out), annotate, runner)
     print_summary(RunManifest(config_hash="-", package_versions={}, stages={"annotations": manifest}))
-    return 0
+    return _annotate_exit_code("annotate", annotate, manifest.counts)
+
+
+def _annotate_exit_code(command: str, annotate, counts: dict[str, int]) -> int:
+    """1, with a loud message, when too many faces got no annotation (``annotate.max_failure_rate``)."""
+    if (report := annotate.failure_report(counts)) is None:
+        return 0
+    print(f"facemllm {command}: FAILED: {report}", file=sys.stderr)
+    return 1
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
