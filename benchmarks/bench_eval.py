@@ -116,8 +116,8 @@ def main() -> None:
 
     from benchmarks.bench_reformat import build_synthetic_celeba
     from facemllm.pipeline.stages.reformat import load_reformat_config, run_reformat
+    from facemllm.training.tiny_models import build_idefics3
     from tests.eval_fixture import QA_SETTINGS, build_qa
-    from tests.tiny_models import build_idefics3
 
     work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     try:

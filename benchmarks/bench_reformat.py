@@ -5,7 +5,7 @@
 The input is CelebA's official layout (``Anno/list_attr_celeba.txt`` with its count and header
 lines and CelebA's two-character value columns, ``Eval/list_eval_partition.txt``, 178x218 JPEGs
 in ``Img/img_align_celeba/``) with ``--rows`` rows of seeded random attributes; the images are
-hard links to a few real face photos (tests/fixtures_datasets.py), so building it costs no disk.
+hard links to a few real face photos (pipeline/demo/face_datasets.py), so building it costs no disk.
 
 - Ours: ``pipeline.reformat.run_reformat`` as ``facemllm reformat celeba`` runs it: listing,
   Beam (FnApiRunner, ``--mode``/``--workers``; in_memory with 1 worker matches the anchor's one
@@ -38,7 +38,7 @@ DISTINCT_PHOTOS = 8
 
 def build_synthetic_celeba(root: Path, rows: int, seed: int = 0) -> Path:
     """CelebA's official layout with ``rows`` rows; images are hard links to a few real photos."""
-    from tests.fixtures_datasets import ATTRIBUTE_NAMES, celeba_attr_line, photo_jpeg
+    from facemllm.pipeline.demo.face_datasets import ATTRIBUTE_NAMES, celeba_attr_line, photo_jpeg
 
     images = root / "Img" / "img_align_celeba"
     images.mkdir(parents=True)

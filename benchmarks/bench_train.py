@@ -149,7 +149,8 @@ def side_loader(model: str, shards: str, batches: int, batch_size: int, workers:
 
 
 def prepare(folder: Path, shards: int, per_shard: int) -> tuple[Path, Path]:
-    from tests.tiny_models import build_llava, write_qa_shards
+    from facemllm.training.tiny_models import build_llava
+    from tests.tiny_models import write_qa_shards
 
     model = build_llava(folder / "model")
     write_qa_shards(folder / "shards", shards=shards, per_shard=per_shard, size=32)

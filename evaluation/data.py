@@ -22,7 +22,14 @@ from typing import get_args
 
 from facemllm.pipeline.core.shards import iter_tar_url
 from facemllm.pipeline.core.storage import Storage, StorageOptions
-from facemllm.schemas import PublishedManifest, QASample, RunManifest, ShardManifest, SourceDataset
+from facemllm.schemas import (
+    PublishedManifest,
+    QASample,
+    RunManifest,
+    ShardManifest,
+    SourceDataset,
+    read_qa_samples,
+)
 
 
 @dataclass(frozen=True)
@@ -100,11 +107,11 @@ class EvalData:
         for key, members in iter_tar_url(self.storage.url(shard.rel), self.options):
             if "json" not in members:
                 raise ValueError(f"{shard.rel}: sample {key} has no .json member")
-            sample = QASample.model_validate_json(members["json"])
             image = next((members[ext] for ext in ("jpg", "jpeg", "png", "webp") if ext in members), None)
             if image is None:
                 raise ValueError(f"{shard.rel}: sample {key} has no image member")
-            yield QAItem(sample, image, shard)
+            for sample in read_qa_samples(members["json"]):  # each question is scored on its own
+                yield QAItem(sample, image, shard)
 
     def data_hash(self, datasets: list[str], selection: dict) -> str:
         manifests = {d: self.manifest_sha256[d] for d in sorted(datasets)}

@@ -20,11 +20,10 @@ from PIL import Image, UnidentifiedImageError
 
 from facemllm.reformatters.config import QAConfig
 from facemllm.reformatters.qa import QABuilder, QAPair
-from facemllm.schemas import QASample, ReformatStatus, SourceDataset, Turn
-from facemllm.schemas.qa import ReformatOutcome
+from facemllm.schemas import QAImageSample, QASample, ReformatStatus, SourceDataset, Turn
+from facemllm.schemas.qa import IMAGE_TOKEN, ReformatOutcome
 
 LabelT = TypeVar("LabelT")
-IMAGE_TOKEN = "<image>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +55,7 @@ class RowRejected(Exception):
 @dataclass(frozen=True, slots=True)
 class RowResult:
     status: ReformatStatus
-    samples: list[QASample]
+    samples: list[QAImageSample]  # one per split the row has questions in
     image: bytes | None  # the JPEG every sample of the row carries
 
 
@@ -151,8 +150,23 @@ class DatasetReformatter(ABC, Generic[LabelT]):
             digest.update(repr(row).encode())
         return digest.hexdigest()[:16]
 
-    def samples(self, row: InputRow[LabelT]) -> list[QASample]:
-        """The row's QA samples; keys ``{dataset}_{split}_{row:08d}_{index:02d}`` grow with the row."""
+    def samples(self, row: InputRow[LabelT]) -> list[QAImageSample]:
+        """The row's questions as one sample per split (the image stored once).
+
+        The turns are in a seeded random order: in a fixed one (open questions first) a model
+        trained on the conversations would learn that the first question after the image is open,
+        and answer every question that way when it is asked alone, as evaluation asks it."""
+        by_split: dict[str, list[QASample]] = {}
+        for question in self.question_samples(row):
+            by_split.setdefault(question.split, []).append(question)
+        samples = []
+        for split, questions in by_split.items():
+            self.builder.rng(row.image, f"turn_order/{split}").shuffle(questions)
+            samples.append(QAImageSample.group(questions))
+        return samples
+
+    def question_samples(self, row: InputRow[LabelT]) -> list[QASample]:
+        """The row's questions; keys ``{dataset}_{split}_{row:08d}_{index:02d}`` grow with the row."""
         return [
             QASample(
                 key=f"{self.dataset}_{split}_{row.row:08d}_{index:02d}",
@@ -190,4 +204,5 @@ class DatasetReformatter(ABC, Generic[LabelT]):
                 ReformatStatus(**fields, status=rejection.reason, error=rejection.detail), [], None
             )
         samples = self.samples(row)
-        return RowResult(ReformatStatus(**fields, status="ok", samples=len(samples)), samples, image)
+        questions = sum(len(sample.questions) for sample in samples)
+        return RowResult(ReformatStatus(**fields, status="ok", samples=questions), samples, image)

@@ -35,7 +35,7 @@ from facemllm.reformatters.qa import lettered
 from facemllm.reformatters.templates import NO, SINGLE_CHOICE_INSTRUCTIONS, YES
 from facemllm.schemas import StrictModel
 from facemllm.schemas.annotation import FaceAnnotation, FaceAttributes
-from facemllm.schemas.qa import AnswerStyle, QALabel, Turn
+from facemllm.schemas.qa import IMAGE_TOKEN, AnswerStyle, QALabel, Turn
 from facemllm.schemas.records import Record
 from facemllm.schemas.vocab import (
     AGE_BAND_BOUNDS,
@@ -46,7 +46,6 @@ from facemllm.schemas.vocab import (
     PerceivedGender,
 )
 
-IMAGE_TOKEN = "<image>"
 CAPTION_DATASET = "laion_face_caption"
 VQA_DATASET = "laion_face_vqa"
 MARKERS = "_laion_face"

@@ -6,12 +6,15 @@ from facemllm.schemas.qa import (
     QA_RECORDS,
     AnswerStyle,
     LaionFaceQAStatus,
+    QAImageSample,
     QALabel,
+    QAQuestion,
     QASample,
     QATask,
     ReformatStatus,
     SourceDataset,
     Turn,
+    read_qa_samples,
 )
 from facemllm.schemas.records import (
     ALL_RECORDS,
@@ -47,7 +50,9 @@ __all__ = [
     "LaionFaceQAStatus",
     "LaionRow",
     "PublishedManifest",
+    "QAImageSample",
     "QALabel",
+    "QAQuestion",
     "QASample",
     "QATask",
     "ReformatStatus",
@@ -59,4 +64,5 @@ __all__ = [
     "StrictModel",
     "Turn",
     "export_json_schemas",
+    "read_qa_samples",
 ]

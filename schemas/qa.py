@@ -1,11 +1,15 @@
 """Question-answer records: what the reformatters write into ``qa/<dataset>/<split>/`` shards.
 
-A ``QASample`` carries both the LLaVA-style conversation a trainer consumes and the structured
-label an evaluator scores a reply against, so training and evaluation read the same record.
+A shard sample is one source image with all its questions (``QAImageSample``): the image is stored
+once, its questions form one multi-turn LLaVA conversation that a trainer consumes whole, and each
+question keeps the structured label an evaluator scores a reply against (``QAQuestion``). The
+evaluator and reports see one question at a time (``QASample``, which is also how shards written
+before this layout stored them: ``read_qa_samples`` reads both).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -16,9 +20,12 @@ from pydantic import (
     Field,
     PlainSerializer,
     WithJsonSchema,
+    model_validator,
 )
 
 from facemllm.schemas.records import Record, StrictModel
+
+IMAGE_TOKEN = "<image>"  # LLaVA's placeholder for the image, leading the first human turn
 
 SourceDataset = Literal["celeba", "rafdb", "utkface", "fairface"]
 
@@ -103,7 +110,8 @@ class QALabel(StrictModel):
 
 
 class QASample(Record):
-    """One question about one face image: the ``.json`` member of a QA shard sample."""
+    """One question about one face image, as the evaluator scores it (and as shards written before
+    ``QAImageSample`` stored each question, image included)."""
 
     key: str
     image: str = Field(description="source image path, relative to the dataset's image base folder")
@@ -116,6 +124,96 @@ class QASample(Record):
     label: QALabel
 
 
+class QAQuestion(StrictModel):
+    """One question of a ``QAImageSample``: what scoring it needs besides its two turns."""
+
+    key: str = Field(description="the question's own key, {image sample key}_{NN}")
+    task: QATask
+    answer_style: AnswerStyle
+    template_id: str = Field(description="task/style/question index[-instruction index]")
+    label: QALabel
+
+
+class QAImageSample(Record):
+    """Every question about one image in one split: the ``.json`` member of a QA shard sample.
+
+    ``conversations`` is LLaVA's multi-turn list: question i is turn 2i (the first one led by
+    ``<image>``), its answer turn 2i+1, and ``questions[i]`` its label."""
+
+    key: str = Field(description="{dataset}_{split}_{row:08d}")
+    image: str = Field(description="source image path, relative to the dataset's image base folder")
+    dataset: SourceDataset
+    split: str = Field(description="train, val, test, or zeroshot (CelebA's held-out attributes)")
+    conversations: list[Turn]
+    questions: list[QAQuestion]
+
+    @model_validator(mode="after")
+    def _two_turns_per_question(self) -> QAImageSample:
+        speakers = [turn.speaker for turn in self.conversations]
+        if not self.questions or speakers != ["human", "gpt"] * len(self.questions):
+            raise ValueError("conversations must be one human and one gpt turn per question")
+        if any(turn.value.count(IMAGE_TOKEN) != (i == 0) for i, turn in enumerate(self.conversations)):
+            raise ValueError(f"only the first turn holds {IMAGE_TOKEN}, once")
+        return self
+
+    @classmethod
+    def group(cls, samples: list[QASample]) -> QAImageSample:
+        """One image's questions of one split (in order) as one sample."""
+        first = samples[0]
+        conversations = []
+        for i, sample in enumerate(samples):
+            question, answer = sample.conversations
+            text = question.value if i == 0 else question.value.removeprefix(f"{IMAGE_TOKEN}\n")
+            conversations += [Turn(speaker="human", value=text), answer]
+        return cls(
+            key=first.key.rsplit("_", 1)[0],
+            image=first.image,
+            dataset=first.dataset,
+            split=first.split,
+            conversations=conversations,
+            questions=[
+                QAQuestion(
+                    key=s.key,
+                    task=s.task,
+                    answer_style=s.answer_style,
+                    template_id=s.template_id,
+                    label=s.label,
+                )
+                for s in samples
+            ],
+        )
+
+    def question_samples(self) -> list[QASample]:
+        """Each question on its own, exactly as ``group`` received it."""
+        samples = []
+        for i, question in enumerate(self.questions):
+            asked, answer = self.conversations[2 * i : 2 * i + 2]
+            text = asked.value if i == 0 else f"{IMAGE_TOKEN}\n{asked.value}"
+            samples.append(
+                QASample(
+                    key=question.key,
+                    image=self.image,
+                    dataset=self.dataset,
+                    split=self.split,
+                    task=question.task,
+                    answer_style=question.answer_style,
+                    template_id=question.template_id,
+                    conversations=[Turn(speaker="human", value=text), answer],
+                    label=question.label,
+                )
+            )
+        return samples
+
+
+def read_qa_samples(payload: bytes | str) -> list[QASample]:
+    """The questions of a QA shard sample's JSON: an image sample's, or one stored question (the
+    layout before ``QAImageSample``), so datasets published either way stay readable."""
+    data = json.loads(payload)
+    if isinstance(data, dict) and "questions" in data:
+        return QAImageSample.model_validate(data).question_samples()
+    return [QASample.model_validate(data)]
+
+
 class ReformatStatus(Record):
     """The fate of one input row (or file): a row of ``qa/<dataset>/status.parquet``."""
 
@@ -126,7 +224,7 @@ class ReformatStatus(Record):
     split: str | None = None
     status: ReformatOutcome
     error: str | None = None
-    samples: int = Field(0, description="QA samples written for this row")
+    samples: int = Field(0, description="questions written for this row (one shard sample per split)")
 
 
 LaionFaceQAOutcome = Literal["success", "bad_annotation", "no_image"]
@@ -145,4 +243,12 @@ class LaionFaceQAStatus(Record):
     questions: int = Field(0, description="stage-2 VQA samples written")
 
 
-QA_RECORDS: tuple[type[BaseModel], ...] = (Turn, QALabel, QASample, ReformatStatus, LaionFaceQAStatus)
+QA_RECORDS: tuple[type[BaseModel], ...] = (
+    Turn,
+    QALabel,
+    QASample,
+    QAQuestion,
+    QAImageSample,
+    ReformatStatus,
+    LaionFaceQAStatus,
+)

@@ -2,7 +2,7 @@
 
     <vllm venv>/bin/python scripts/build_tiny_idefics3.py [--cache DIR]   # prints the model folder
 
-No download: the model is built by the tests' own builder (``tests/tiny_models.build_idefics3``)
+No download: the model is built by ``facemllm.training.tiny_models.build_idefics3``
 with a byte-level BPE tokenizer of 2048 tokens trained here on a small corpus (the prompt files,
 the attribute schema's source and random answers shaped like the response schema, so that field
 names and prompt words are few tokens); the weights are random (seeded). The model can only say
@@ -29,7 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS_FILES = [*sorted((REPO / "annotators" / "prompts").glob("*.yaml")), REPO / "schemas" / "annotation.py"]
-BUILDER_FILES = [REPO / "tests" / "tiny_models.py", REPO / "training" / "templates.py"]
+BUILDER_FILES = [REPO / "training" / "tiny_models.py", REPO / "training" / "templates.py"]
 VOCAB_SIZE = 2048
 MAX_POSITIONS = 4096
 SEED = 0
@@ -85,11 +85,11 @@ def corpus_hash() -> str:
 
 
 def build(folder: Path) -> None:
-    """The tests' tiny Idefics3 builder (tests/tiny_models.py), with this corpus and vocabulary."""
+    """The tiny Idefics3 builder (training/tiny_models.py), with this corpus and vocabulary."""
     from checkout_imports import use_checkout
 
     use_checkout()
-    from tests.tiny_models import build_idefics3
+    from facemllm.training.tiny_models import build_idefics3
 
     texts = [GENERIC_TEXT, *(path.read_text() for path in CORPUS_FILES), *example_answers()]
     build_idefics3(folder, texts, VOCAB_SIZE, ROW_COL_TOKENS, MAX_POSITIONS)

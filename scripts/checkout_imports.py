@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 def use_checkout() -> None:
     """Make ``facemllm.<folder>`` (and ``tests``) importable from the checkout, once."""
     if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))  # tests.tiny_models
+        sys.path.insert(0, str(REPO))
     if "facemllm" not in sys.modules and importlib.util.find_spec("facemllm") is None:
         namespace = types.ModuleType("facemllm")
         namespace.__path__ = [str(REPO)]

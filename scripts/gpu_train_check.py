@@ -86,9 +86,9 @@ SIZES = {
 
 
 def build_tokenizer(folder: Path):
-    """The tests' tokenizer trainer (tests/tiny_models.py) on this script's words."""
+    """The tiny models' tokenizer trainer (training/tiny_models.py) on this script's words."""
     from facemllm.training.templates import LLAVA_TEMPLATE
-    from tests.tiny_models import LLAVA_SPECIAL, train_tokenizer
+    from facemllm.training.tiny_models import LLAVA_SPECIAL, train_tokenizer
 
     words = [" ".join(WORDS) + " USER: ASSISTANT: Describe the face."]
     return train_tokenizer(

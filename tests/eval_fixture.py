@@ -1,7 +1,7 @@
 """The evaluator's closed loop on the fixture data, shared by the tests and the README's table.
 
-``build_qa`` reformats the four fixture datasets (real photos, native layouts; tests/
-fixtures_datasets.py) into ``OUT/qa``; ``train_stage3`` runs the trainer's stage-3 config on their
+``build_qa`` reformats the four fixture datasets (real photos, native layouts;
+pipeline/demo/face_datasets.py) into ``OUT/qa``; ``train_stage3`` runs the trainer's stage-3 config on their
 train splits from the tiny random Idefics3, which gives the tiny stage-3 checkpoint the evaluator
 scores in-process and over a real vLLM CPU server.
 
@@ -13,10 +13,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from facemllm.pipeline.demo.face_datasets import build_celeba, build_fairface, build_rafdb, build_utkface
 from facemllm.pipeline.stages.reformat import load_reformat_config, run_reformat
 from facemllm.training.config import load_train_config
 from facemllm.training.loop import train
-from tests.fixtures_datasets import build_celeba, build_fairface, build_rafdb, build_utkface
 
 REPO = Path(__file__).resolve().parent.parent
 BUILDERS = {
@@ -73,7 +73,7 @@ def main(out: Path) -> None:
     stage-3 checkpoint served by vLLM (the annotate tests' managed server mode)."""
     from facemllm.evaluation.config import EvalConfig, ModelSpec
     from facemllm.evaluation.run import evaluate
-    from tests.tiny_models import build_idefics3
+    from facemllm.training.tiny_models import build_idefics3
     from tests.vllm_server import served_checkpoint
 
     qa = build_qa(out)

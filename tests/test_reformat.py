@@ -1,6 +1,6 @@
 """``facemllm reformat`` end to end on each dataset's native layout, through Beam.
 
-Datasets are built from real face photos (tests/fixtures_datasets.py) with malformed rows mixed
+Datasets are built from real face photos (pipeline/demo/face_datasets.py) with malformed rows mixed
 in. Checked: a status row per input with the right reason, labels equal to the source files',
 official splits, the zero-shot hold-out, WebDataset conformance, byte-identical reruns (also on
 another runner mode and from torchvision's CelebA layout), the LLaVA export, and that Hugging Face
@@ -22,12 +22,12 @@ from PIL import Image
 from facemllm.pipeline.cli import REPO_CONFIGS, build_parser, main
 from facemllm.pipeline.core.files import sha256_file
 from facemllm.pipeline.core.shards import iter_tar_samples
+from facemllm.pipeline.demo.face_datasets import build_celeba, build_fairface, build_rafdb, build_utkface
 from facemllm.pipeline.stages.reformat import load_reformat_config, run_reformat
 from facemllm.reformatters.celeba_attributes import CELEBA_ATTRIBUTES
 from facemllm.reformatters.config import CelebAOptions
-from facemllm.schemas import QASample, ReformatStatus, RunManifest
+from facemllm.schemas import QAImageSample, QASample, ReformatStatus, RunManifest, read_qa_samples
 from facemllm.schemas.vocab import OPTION_LETTERS, age_band
-from tests.fixtures_datasets import build_celeba, build_fairface, build_rafdb, build_utkface
 from tests.photos import insightface_masks, insightface_t1, skimage_photo
 
 IN_MEMORY = ["runner.direct_running_mode=in_memory", "runner.direct_num_workers=1", "rows_per_chunk=4"]
@@ -51,10 +51,12 @@ def shard_samples(dataset_dir: Path) -> dict[str, list[tuple[str, dict[str, byte
 
 
 def records(dataset_dir: Path) -> list[QASample]:
+    """Every question in the shards, one at a time."""
     return [
-        QASample.model_validate_json(members["json"])
+        question
         for samples in shard_samples(dataset_dir).values()
         for _, members in samples
+        for question in read_qa_samples(members["json"])
     ]
 
 
@@ -77,13 +79,16 @@ def check_accounting(dataset_dir: Path, expected_statuses: list[str], manifest: 
     assert [row.status for row in rows] == expected_statuses
     assert [row.row for row in rows] == list(range(len(rows)))
     assert all(row.samples > 0 for row in rows if row.status == "ok")
+    assert sum(row.samples for row in rows) == len(records(dataset_dir))  # questions
     written = sum(len(samples) for samples in shard_samples(dataset_dir).values())
-    assert sum(row.samples for row in rows) == written
     dataset = rows[0].dataset
     assert manifest.stages[f"qa/{dataset}"].counts == {"rows": len(rows), **Counter(expected_statuses)}
     assert (
         sum(m.counts["samples"] for stage, m in manifest.stages.items() if stage.count("/") == 2) == written
     )
+    # each source image is stored once per split it has questions in, never once per question
+    per_split = Counter((q.image, q.split) for q in records(dataset_dir))
+    assert written == len(per_split)
 
 
 def check_webdataset_rules(dataset_dir: Path) -> None:
@@ -162,6 +167,31 @@ def test_celeba_status_labels_and_splits_follow_the_source_files(celeba_run):
         assert members["jpg"] == (source / image).read_bytes(), key  # the aligned JPEG, byte for byte
 
 
+@pytest.mark.parametrize("dataset", ["celeba", "rafdb", "utkface", "fairface"])
+def test_image_samples_hold_exactly_the_one_question_samples_of_before(dataset, tmp_path):
+    """Grouping changes the layout only: the same questions, answers, options and labels (same
+    seed), one image member per source image and split, and legacy one-question JSON still reads."""
+    from facemllm.reformatters import QAConfig, make_reformatter
+
+    build = {
+        "celeba": build_celeba,
+        "rafdb": build_rafdb,
+        "utkface": build_utkface,
+        "fairface": build_fairface,
+    }
+    truth = build[dataset](tmp_path / dataset)
+    reformat(dataset, truth.root, tmp_path / "qa")
+    reformatter = make_reformatter(dataset, str(truth.root), QAConfig())
+    ok = {status.row for status in statuses(tmp_path / "qa" / dataset) if status.status == "ok"}
+    before = [q for row in reformatter.rows if row.row in ok for q in reformatter.question_samples(row)]
+    written = records(tmp_path / "qa" / dataset)
+    assert sorted(written, key=lambda q: q.key) == sorted(before, key=lambda q: q.key)
+    image_members = sum(len(samples) for samples in shard_samples(tmp_path / "qa" / dataset).values())
+    assert image_members == len({(q.image, q.split) for q in before})
+    legacy = before[0].model_dump_json(by_alias=True)
+    assert read_qa_samples(legacy) == [before[0]]
+
+
 def test_zero_shot_attributes_never_leak_into_training_shards(celeba_run):
     truth, out, _ = celeba_run
     words = [w for a in HELD_OUT for w in CELEBA_ATTRIBUTES[a]]
@@ -189,8 +219,11 @@ def test_llava_export_loads_and_names_existing_images(celeba_run):
         for entry, (_, members) in zip(entries, samples, strict=True):
             assert set(entry) == {"id", "image", "conversations"}
             assert (out / "llava" / entry["image"]).read_bytes() == members["jpg"]
+            record = QAImageSample.model_validate_json(members["json"])
             assert entry["conversations"] == json.loads(members["json"])["conversations"]
-            assert [turn["from"] for turn in entry["conversations"]] == ["human", "gpt"]
+            assert [turn["from"] for turn in entry["conversations"]] == ["human", "gpt"] * len(
+                record.questions
+            )
 
 
 def test_hugging_face_datasets_reads_our_shards(celeba_run, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from facemllm.pipeline.demo.face_datasets import build_celeba, build_fairface, celeba_attr_line
 from facemllm.reformatters import QAConfig, make_reformatter
 from facemllm.reformatters.base import ImageLoader, RowRejected
 from facemllm.reformatters.celeba_attributes import CELEBA_ATTRIBUTES
@@ -20,7 +21,6 @@ from facemllm.reformatters.rafdb import EXPRESSIONS
 from facemllm.reformatters.templates import TEMPLATES
 from facemllm.reformatters.utkface import RACES as UTK_RACES
 from facemllm.schemas.vocab import OPTION_LETTERS, age_band
-from tests.fixtures_datasets import build_celeba, build_fairface, celeba_attr_line
 from tests.photos import skimage_photo
 
 PERCEIVED = re.compile(r"appear|apparent|perceiv|look", re.IGNORECASE)

@@ -118,12 +118,7 @@ def checked_relative(rel: str) -> str:
     Manifests are outside data (a published DEST may be anyone's): their shard urls reach the
     store only through this check."""
     parts = rel.split("/") if isinstance(rel, str) else [""]
-    if (
-        any(part in ("", ".", "..") for part in parts)
-        or "\\" in rel
-        or "\x00" in rel
-        or ":" in parts[0]
-    ):
+    if any(part in ("", ".", "..") for part in parts) or "\\" in rel or "\x00" in rel or ":" in parts[0]:
         raise UnsafePathError(f"{rel!r} is not a path under the root (absolute, '..', or odd)")
     return rel
 

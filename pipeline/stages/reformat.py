@@ -35,7 +35,7 @@ from facemllm.pipeline.stages.framework import Stage, UnitResult, read_marker, r
 from facemllm.reformatters import DatasetReformatter, QAConfig, make_reformatter
 from facemllm.reformatters.base import ImageLoad, ImageLoader, RowRejected
 from facemllm.schemas import (
-    QASample,
+    QAImageSample,
     ReformatStatus,
     RunManifest,
     ShardInfo,
@@ -192,7 +192,7 @@ class ReformatStage(Stage):
                         writers[sample.split] = open_shards.enter_context(ShardWriter(tar))
                     json_bytes = sample.model_dump_json().encode()
                     writers[sample.split].add(sample.key, {"jpg": result.image, "json": json_bytes})
-                    tasks[sample.split][sample.task] += 1
+                    tasks[sample.split].update(question.task for question in sample.questions)
                     if self.config.llava:
                         llava[sample.split].append(llava_record(sample, image_name))
         if self.config.llava:
@@ -214,8 +214,9 @@ class ReformatStage(Stage):
         return stats["status"]
 
 
-def llava_record(sample: QASample, image: str) -> dict:
-    """One entry of LLaVA's training list; ``image`` is relative to the ``llava/`` folder."""
+def llava_record(sample: QAImageSample, image: str) -> dict:
+    """One entry of LLaVA's training list (an image's multi-turn conversation); ``image`` is
+    relative to the ``llava/`` folder."""
     return {
         "id": sample.key,
         "image": image,

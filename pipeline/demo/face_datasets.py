@@ -2,7 +2,8 @@
 
 Each builder writes the dataset's exact label-file formats (REFERENCE.md) with a few malformed
 entries mixed in, and returns what a correct reformatter must find: the label and split of every
-accepted image and the status of every input row.
+accepted image and the status of every input row. The demo recipe reformats them; the tests check
+the reformatters against the truth they return.
 """
 
 from __future__ import annotations
@@ -14,20 +15,21 @@ from pathlib import Path
 
 from PIL import Image
 
+from facemllm.pipeline.demo.sample import package_photos
 from facemllm.reformatters.celeba_attributes import CELEBA_ATTRIBUTES
-from tests.photos import insightface_image_dir, insightface_t1, skimage_photo
 
 ATTRIBUTE_NAMES = list(CELEBA_ATTRIBUTES)
+FACE_PHOTOS = ("astronaut.png", "camera.png", "t1.jpg", "Tom_Hanks_54745.png")
 
 
 def face_photos() -> list[Path]:
-    """Real face photos shipped by installed packages."""
-    return [
-        skimage_photo("astronaut.png"),
-        skimage_photo("camera.png"),
-        insightface_t1(),
-        insightface_image_dir() / "Tom_Hanks_54745.png",
-    ]
+    """Real face photos shipped by installed packages (scikit-image's, where it is installed, and
+    insightface's)."""
+    photos = package_photos()
+    found = [photos[name] for name in FACE_PHOTOS if name in photos]
+    if not found:
+        raise FileNotFoundError(f"none of {FACE_PHOTOS} is installed (insightface ships two of them)")
+    return found
 
 
 def photo_jpeg(index: int, size: tuple[int, int]) -> bytes:
