@@ -143,11 +143,18 @@ class DatasetReformatter(ABC, Generic[LabelT]):
             rows.append(row)
         return rows
 
-    def listing_digest(self) -> str:
-        """Changes whenever an input row, label or split changes: guards reuse of finished chunks."""
+    def listing_digest(self, rows: list[InputRow[LabelT]] | None = None) -> str:
+        """Changes whenever an input row, its label or split, or its image file (size, modification
+        time: a repaired image counts) changes; of ``rows``, default all. Guards reuse of output."""
         digest = hashlib.sha256()
-        for row in self.rows:
+        for row in self.rows if rows is None else rows:
             digest.update(repr(row).encode())
+            if row.image is not None:
+                try:
+                    stat = (self.image_base / row.image).stat()
+                    digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+                except OSError:
+                    digest.update(b"unreadable")
         return digest.hexdigest()[:16]
 
     def samples(self, row: InputRow[LabelT]) -> list[QAImageSample]:

@@ -287,6 +287,24 @@ def test_rafdb_expressions_splits_and_aligned_images(tmp_path):
         assert members["jpg"] == (truth.root / json.loads(members["json"])["image"]).read_bytes()
 
 
+def test_a_rerun_picks_up_a_repaired_image_and_redoes_only_its_chunk(tmp_path):
+    truth = build_rafdb(tmp_path / "rafdb")
+    damaged = truth.root / "Image" / "aligned" / "train_00002_aligned.jpg"
+    good = damaged.read_bytes()
+    damaged.write_bytes(good[: len(good) // 3])  # truncated: unreadable_image
+    reformat("rafdb", truth.root, tmp_path / "qa")
+    out = tmp_path / "qa" / "rafdb"
+    assert statuses(out)[1].status == "unreadable_image"
+    untouched = {p.name: p.stat().st_mtime_ns for p in (out / "_chunks").glob("*_stats.json")}
+    damaged.write_bytes(good)  # repaired since
+    reformat("rafdb", truth.root, tmp_path / "qa")
+    assert [row.status for row in statuses(out)] == truth.statuses
+    redone = {
+        p.name for p in (out / "_chunks").glob("*_stats.json") if p.stat().st_mtime_ns != untouched[p.name]
+    }
+    assert redone == {"00000_stats.json"}  # rows 0-3 (rows_per_chunk=4): only the repaired image's chunk
+
+
 # --------------------------------------------------------------------------------------- UTKFace
 
 

@@ -128,10 +128,14 @@ class ReformatStage(Stage):
         """Lists the inputs: a missing file or folder stops the run here, before any work."""
         return make_reformatter(self.config.dataset, self.config.root, self.config.qa)
 
-    @cached_property
-    def fingerprint(self) -> str:
-        """Configuration and input listing together: a finished chunk is reused only if both match."""
-        return f"{self.config.config_hash()}-{self.reformatter.listing_digest()}"
+    def fingerprint(self, unit: int) -> str:
+        """Configuration and the chunk's input rows and image files: a finished chunk is reused only
+        if both match, so a rerun redoes just the chunks whose inputs changed (a repaired image)."""
+        return f"{self.config.config_hash()}-{self.reformatter.listing_digest(self.chunk_rows(unit))}"
+
+    def chunk_rows(self, unit: int) -> list:
+        start = unit * self.config.rows_per_chunk
+        return self.reformatter.rows[start : start + self.config.rows_per_chunk]
 
     @cached_property
     def load_image(self) -> ImageLoad:
@@ -167,20 +171,19 @@ class ReformatStage(Stage):
         return [*shards, *llava, self.status_table(unit)]
 
     def is_current(self, stats: dict) -> bool:
-        return stats.get("fingerprint") == self.fingerprint
+        return stats.get("fingerprint") == self.fingerprint(stats.get("chunk", -1))
 
     def completed_marker(self, unit: int) -> ChunkMarker | None:
         stats = read_marker(self.marker(unit))
         return ChunkMarker.model_validate(stats) if stats is not None and self.is_current(stats) else None
 
     def process(self, unit: int) -> UnitResult:
-        start = unit * self.config.rows_per_chunk
         statuses: list[dict] = []
         llava: dict[str, list[dict]] = defaultdict(list)
         tasks: dict[str, Counter[str]] = defaultdict(Counter)
         writers: dict[str, ShardWriter] = {}
         with ExitStack() as open_shards:  # an exception aborts every shard of the chunk
-            for row in self.reformatter.rows[start : start + self.config.rows_per_chunk]:
+            for row in self.chunk_rows(unit):
                 result = self.reformatter.reformat_row(row, self.load_image)
                 statuses.append(result.status.model_dump(mode="json"))
                 image_name = f"images/{self.config.dataset}_{row.row:08d}.jpg"
@@ -199,7 +202,7 @@ class ReformatStage(Stage):
             write_json_atomic(llava_part(self.chunks_dir, unit), llava)
         marker = ChunkMarker(
             chunk=unit,
-            fingerprint=self.fingerprint,
+            fingerprint=self.fingerprint(unit),
             rows=len(statuses),
             status=dict(sorted(Counter(s["status"] for s in statuses).items())),
             shards={
@@ -229,12 +232,14 @@ def llava_part(chunks_dir: Path, chunk_id: int) -> Path:
 
 
 def check_reusable(stage: ReformatStage) -> None:
-    """Refuse to mix chunks of another configuration or input listing into this run's output."""
+    """Refuse to mix chunks of another configuration into this run's output (chunks of changed
+    inputs are simply redone)."""
+    config_hash = stage.config.config_hash()
     for marker_path in sorted(stage.chunks_dir.glob("*_stats.json")):
-        if not stage.is_current(json.loads(marker_path.read_text())):
+        if not str(json.loads(marker_path.read_text()).get("fingerprint", "")).startswith(f"{config_hash}-"):
             raise ValueError(
-                f"{stage.dataset_dir} holds output of another configuration or other input files "
-                f"({marker_path.name}); remove that folder or choose another --out"
+                f"{stage.dataset_dir} holds output of another configuration ({marker_path.name}); "
+                "remove that folder or choose another --out"
             )
 
 
