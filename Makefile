@@ -8,7 +8,7 @@ UV_FIND_LINKS := $(if $(wildcard $(FIND_LINKS)),--find-links $(FIND_LINKS),)
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install vllm test demo bench lint clean
+.PHONY: install vllm test fuzz demo bench lint clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ $(STAMP): pyproject.toml
 test: install vllm
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+# The parser fuzz tests with the large hypothesis profile (`make test` runs them with the small one).
+fuzz: install
+	FACEMLLM_FUZZ_PROFILE=fuzz $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 demo: install
 	$(BIN)/facemllm demo --out demo-out

@@ -355,7 +355,7 @@ def parse_answer(content: str, caption_max_chars: int) -> FaceResponse:
         raise InvalidAnswer("the answer holds no JSON object")
     try:
         data = json.loads(text[start : end + 1], strict=False)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: nesting deeper than json's stack
         raise InvalidAnswer(f"invalid JSON: {err}") from None
     if isinstance(data, dict) and isinstance(data.get("caption"), str):
         data["caption"] = clean_caption(data["caption"])

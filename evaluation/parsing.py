@@ -236,7 +236,7 @@ def parse_age(reply: str) -> AgeReading | None:
         return None
     months = re.fullmatch(rf".*?\b({NUMBER})\s*months?\b.*", text)
     if months and len(re.findall(NUMBER, text)) == 1:
-        return AgeReading(float(months.group(1)) / 12, float(months.group(1)) / 12)
+        return _checked(float(months.group(1)) / 12, float(months.group(1)) / 12)
     open_range = re.search(
         rf"(?:\b(?:more than|over|older than|above|at least)\s+({NUMBER}))|(?:\b({NUMBER})\s*\+)", text
     )

@@ -153,7 +153,7 @@ class DatasetReformatter(ABC, Generic[LabelT]):
                 try:
                     stat = (self.image_base / row.image).stat()
                     digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
-                except OSError:
+                except (OSError, ValueError):  # ValueError: a NUL in a name read from a label file
                     digest.update(b"unreadable")
         return digest.hexdigest()[:16]
 

@@ -55,14 +55,14 @@ class CelebAReformatter(DatasetReformatter[PresentAttributes]):
     def read_partitions(self) -> dict[str, str]:
         """Image name -> split; malformed lines are left out, so their images count as ``no_split``."""
         partitions = {}
-        for line in (self.root / self.partition_file).read_text(errors="replace").splitlines():
+        for line in (self.root / self.partition_file).read_text("utf-8-sig", errors="replace").splitlines():
             fields = line.split()
             if len(fields) == 2 and fields[1] in PARTITIONS:
                 partitions[fields[0]] = PARTITIONS[fields[1]]
         return partitions
 
     def list_rows(self) -> list[InputRow[PresentAttributes]]:
-        lines = (self.root / self.attribute_file).read_text(errors="replace").splitlines()
+        lines = (self.root / self.attribute_file).read_text("utf-8-sig", errors="replace").splitlines()
         first = 1 if lines and lines[0].strip().isdigit() else 0  # the count line, when present
         header = lines[first].split() if len(lines) > first else []
         header_error = None

@@ -10,6 +10,7 @@ and seven race categories.
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
 from pathlib import Path
 
 from facemllm.reformatters.base import DatasetReformatter, InputRow, Rejection, safe_relative
@@ -40,11 +41,13 @@ class FairFaceReformatter(DatasetReformatter[PerceivedDemographics]):
     def list_rows(self) -> list[InputRow[PerceivedDemographics]]:
         rows: list[InputRow[PerceivedDemographics]] = []
         for split, name in self.label_files.items():
-            with open(self.root / name, newline="", errors="replace") as handle:
+            # utf-8-sig: spreadsheet programs save CSVs with a byte-order mark
+            with open(self.root / name, newline="", encoding="utf-8-sig", errors="replace") as handle:
                 lines = csv.reader(handle)
-                header = [column.strip() for column in next(lines, [])]
+                readable = _readable(lines, self.root / name)
+                header = [column.strip() for column in next(readable, [])]
                 missing = [column for column in REQUIRED_COLUMNS if column not in header]
-                for fields in lines:
+                for fields in readable:
                     if not any(field.strip() for field in fields):
                         continue
                     source = f"{name}:{lines.line_num}"
@@ -87,3 +90,12 @@ class FairFaceReformatter(DatasetReformatter[PerceivedDemographics]):
 
     def qa_pairs(self, row: InputRow[PerceivedDemographics]) -> list[tuple[str, QAPair]]:
         return [(row.split, pair) for pair in demographic_pairs(self.builder, row.image, row.label, RACES)]
+
+
+def _readable(lines: Iterator[list[str]], path: Path) -> Iterator[list[str]]:
+    """The CSV's rows; one csv cannot read (an unclosed quote runs a field past csv's size limit)
+    stops the listing with a ValueError naming the file and line."""
+    try:
+        yield from lines
+    except csv.Error as err:
+        raise ValueError(f"{path}:{lines.line_num}: not a readable CSV: {err}") from None

@@ -42,7 +42,7 @@ class RAFDBReformatter(DatasetReformatter[str]):
 
     def list_rows(self) -> list[InputRow[str]]:
         rows = []
-        lines = (self.root / self.label_file).read_text(errors="replace").splitlines()
+        lines = (self.root / self.label_file).read_text("utf-8-sig", errors="replace").splitlines()
         for number, line in enumerate(lines, start=1):
             if line.strip():
                 rows.append(self._parse(len(rows), f"{self.label_file}:{number}", line.split()))

@@ -42,6 +42,11 @@ class UTKFaceReformatter(DatasetReformatter[PerceivedDemographics]):
         return self._assign_splits(rows)
 
     def _parse(self, index: int, path: str) -> InputRow[PerceivedDemographics]:
+        try:
+            path.encode()
+        except UnicodeEncodeError:  # a name that is not UTF-8 (surrogate-escaped): status rows must encode
+            shown = path.encode(errors="surrogateescape").decode(errors="replace")
+            return InputRow(index, shown, shown, rejection=Rejection("bad_name", "path is not valid UTF-8"))
         match = NAME.fullmatch(path.rsplit("/", 1)[-1])
         if match is None:
             return InputRow(

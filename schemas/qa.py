@@ -9,7 +9,6 @@ before this layout stored them: ``read_qa_samples`` reads both).
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -22,6 +21,7 @@ from pydantic import (
     WithJsonSchema,
     model_validator,
 )
+from pydantic_core import from_json
 
 from facemllm.schemas.records import Record, StrictModel
 
@@ -208,7 +208,7 @@ class QAImageSample(Record):
 def read_qa_samples(payload: bytes | str) -> list[QASample]:
     """The questions of a QA shard sample's JSON: an image sample's, or one stored question (the
     layout before ``QAImageSample``), so datasets published either way stay readable."""
-    data = json.loads(payload)
+    data = from_json(payload)  # pydantic's parser: deep nesting is a ValueError, not a RecursionError
     if isinstance(data, dict) and "questions" in data:
         return QAImageSample.model_validate(data).question_samples()
     return [QASample.model_validate(data)]

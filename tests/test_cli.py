@@ -63,6 +63,26 @@ def test_bad_config_stops_before_any_work_naming_the_field(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "{config}"],
+        ["train", "{config}"],
+        ["eval", "--config", "{config}"],
+        ["reformat", "rafdb", "--root", ".", "--out", "o", "--config", "{config}"],
+    ],
+)
+def test_a_yaml_syntax_error_is_a_clear_message_and_exit_2(args, tmp_path, capsys):
+    config = tmp_path / "broken.yaml"
+    config.write_text("out: x\nselect: {metadata: [a.parquet\n")  # an unclosed flow sequence
+    assert main([arg.format(config=config) for arg in args]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: not valid YAML" in err and "Traceback" not in err
+    config.write_text("out: x\nselect: {metadata: [a.parquet], ids: b.txt}\n")
+    assert main(["run", str(config), "--set", "select.ids=[unclosed"]) == 2
+    assert "override 'select.ids=[unclosed': not valid YAML" in capsys.readouterr().err
+
+
 def test_missing_metadata_is_reported_before_the_pipeline_starts(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(

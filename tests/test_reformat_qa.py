@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from facemllm.pipeline.demo.face_datasets import build_celeba, build_fairface, celeba_attr_line
+from facemllm.pipeline.cli import main
+from facemllm.pipeline.demo.face_datasets import build_celeba, build_fairface, build_rafdb, celeba_attr_line
 from facemllm.reformatters import QAConfig, make_reformatter
 from facemllm.reformatters.base import ImageLoader, RowRejected
 from facemllm.reformatters.celeba_attributes import CELEBA_ATTRIBUTES
@@ -168,6 +169,33 @@ def test_fairface_header_without_required_columns_rejects_that_file_only(tmp_pat
         for row in make_reformatter("fairface", truth.root, QAConfig()).rows
     )
     assert reasons == {("train", "bad_header"): len(rows), ("val", "ok"): 3}
+
+
+def test_a_label_file_whose_every_row_fails_its_header_stops_the_run(tmp_path, capsys):
+    """A FairFace CSV with the wrong columns used to give every row bad_header and exit 0."""
+    truth = build_fairface(tmp_path / "fairface")
+    train_csv = truth.root / "fairface_label_train.csv"
+    _, *rows = train_csv.read_text().splitlines()
+    train_csv.write_text("\n".join(["path,years,sex,race,service_test", *rows]) + "\n")
+    args = ["reformat", "fairface", "--root", str(truth.root), "--out", str(tmp_path / "qa")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "fairface_label_train.csv: all" in err and "fail the header check" in err
+    assert not (tmp_path / "qa" / "fairface").exists()
+
+
+@pytest.mark.parametrize("dataset", ["fairface", "celeba", "rafdb"])
+def test_label_files_saved_with_a_byte_order_mark_read_as_without(dataset, tmp_path):
+    """Spreadsheet programs save UTF-8 with a BOM; it used to make every row bad_header."""
+    build = {"fairface": build_fairface, "celeba": build_celeba, "rafdb": build_rafdb}[dataset]
+    truth = build(tmp_path / dataset)
+    before = make_reformatter(dataset, truth.root, QAConfig()).rows
+    for label_file in [*truth.root.rglob("*.csv"), *truth.root.rglob("*.txt")]:
+        label_file.write_bytes(b"\xef\xbb\xbf" + label_file.read_bytes())
+    after = make_reformatter(dataset, truth.root, QAConfig()).rows
+    assert [(r.image, r.split, r.label, r.rejection) for r in after] == [
+        (r.image, r.split, r.label, r.rejection) for r in before
+    ]
 
 
 def test_utkface_split_is_stratified_seeded_and_independent_of_other_groups(tmp_path):

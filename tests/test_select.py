@@ -8,6 +8,7 @@ import torch
 
 from facemllm.pipeline.stages.framework import execute_unit
 from facemllm.pipeline.stages.select import (
+    LAION_COLUMNS,
     URL_SHARD_SCHEMA,
     IdListError,
     SelectConfig,
@@ -152,4 +153,20 @@ def test_rejects_non_laion_parquet(tmp_path):
     stage = SelectStage(config, config.metadata).bind(tmp_path)
     stage.sample_ids = np.array([1])
     with pytest.raises(ValueError, match="missing columns"):
+        execute_unit(stage, 0)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong_type"])
+def test_a_corrupt_metadata_parquet_is_named_in_the_error(damage, tmp_path):
+    path = tmp_path / "part-00003.parquet"
+    if damage == "wrong_type":  # a LAION schema whose SAMPLE_ID does not cast to int64
+        pq.write_table(pa.table({name: ["not a number"] for name in LAION_COLUMNS}), path)
+    else:
+        pq.write_table(pa.table({"x": list(range(1000))}), path)
+        whole = path.read_bytes()
+        path.write_bytes(whole[: len(whole) // 2] if damage == "truncated" else b"PAR1" + bytes(64))
+    config = SelectConfig(metadata=[str(path)], ids="unused")
+    stage = SelectStage(config, config.metadata).bind(tmp_path)
+    stage.sample_ids = np.array([1])
+    with pytest.raises(ValueError, match=f"select.metadata {path}"):
         execute_unit(stage, 0)

@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, field_validator, model_validator
 
-from facemllm.pipeline.core.config import apply_overrides, hash_config
+from facemllm.pipeline.core.config import hash_config, load_yaml_config
 from facemllm.pipeline.core.storage import StorageOptions
 from facemllm.schemas import StrictModel
 
@@ -244,7 +243,4 @@ class TrainRunConfig(StrictModel):
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainRunConfig:
-    loaded = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: the config must be a mapping")
-    return TrainRunConfig.model_validate(apply_overrides(loaded, list(overrides)))
+    return load_yaml_config(TrainRunConfig, path, overrides)

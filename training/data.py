@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from braceexpand import braceexpand
 from PIL import Image
+from pydantic_core import from_json
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from facemllm.pipeline.core.shards import ShardFormatError, UnsafeTarError, iter_tar_url
@@ -87,6 +88,24 @@ def _listed(fs, path: str, listings: dict[str, set[str]]) -> bool:
     return path.rstrip("/") in listings[parent] or fs.exists(path)
 
 
+def read_sizes(payload: bytes) -> dict[str, int]:
+    """``sizes.json`` (shard name -> samples) as open_clip writes it; entries that are not a
+    non-negative whole count are left out (their shard then has no known size), anything that is
+    not a JSON object is a ValueError."""
+    document = from_json(payload)
+    if not isinstance(document, dict):
+        raise ValueError("sizes.json must be a JSON object")
+    sizes = {}
+    for name, value in document.items():
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if type(value) is int and value >= 0:
+            sizes[str(name)] = value
+    return sizes
+
+
 def expand_shards(urls: list[str], storage: StorageOptions) -> list[Shard]:
     """Shard URLs from ranges (``{00000..00009}``), globs, folders (every ``*.tar``) and plain URLs.
 
@@ -113,7 +132,7 @@ def expand_shards(urls: list[str], storage: StorageOptions) -> list[Shard]:
         fs, path = _fs(parent, storage)
         try:
             with fs.open(f"{path}/sizes.json", "rb") as handle:
-                sizes[parent] = {str(k): int(v) for k, v in json.load(handle).items()}
+                sizes[parent] = read_sizes(handle.read())
         except (FileNotFoundError, ValueError, OSError):
             sizes[parent] = {}
     return [Shard(url, sizes[url.rsplit("/", 1)[0]].get(url.rsplit("/", 1)[1])) for url in found]

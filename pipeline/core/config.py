@@ -39,8 +39,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {override!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = _parse_yaml(raw, f"override {override!r}")
     return data
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """YAML -> Python; a syntax error (or nesting too deep) is a ValueError naming ``where``."""
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as err:
+        problem = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise ValueError(f"{where}: not valid YAML: {problem}") from None
 
 
 def load_yaml_config(
@@ -54,7 +63,7 @@ def load_yaml_config(
     arguments; None means not given), then ``--set`` overrides. A ValidationError names the field."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        loaded = _parse_yaml(Path(path).read_text(), str(path)) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: the config must be a mapping")
         data.update(loaded)

@@ -36,6 +36,7 @@ from typing import IO, TypeVar
 
 import fsspec
 from pydantic import Field
+from pydantic_core import from_json
 
 from facemllm.pipeline.core.files import atomic_path, default_cache_dir, sha256_file, write_bytes_atomic
 from facemllm.schemas import StrictModel
@@ -204,7 +205,12 @@ class Storage:
         self.retrying(f"write {self.url(rel)}", lambda: self.fs.pipe_file(self.path(rel), payload))
 
     def read_json(self, rel: str) -> object:
-        return json.loads(self.read_bytes(rel))
+        """JSON from the store (outside data: anything but JSON, deep nesting included, is a
+        ValueError naming the object)."""
+        try:
+            return from_json(self.read_bytes(rel))
+        except ValueError as err:
+            raise ValueError(f"{self.url(rel)}: not JSON: {err}") from None
 
     def write_json(self, rel: str, obj: object) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
@@ -377,7 +383,7 @@ class RunStore:
         if self.remote is None or marker.exists() or not self.remote.exists(self._rel(marker)):
             return
         content = self.remote.read_bytes(self._rel(marker))
-        for path in files_of(json.loads(content)):
+        for path in files_of(from_json(content)):
             self.remote.download(self._rel(path), path)
         write_bytes_atomic(marker, content)
 

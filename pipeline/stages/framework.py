@@ -19,7 +19,6 @@ stages:
 
 from __future__ import annotations
 
-import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +30,7 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 from pydantic import BaseModel
+from pydantic_core import from_json
 
 from facemllm.pipeline.core.files import remove_stale_temporaries, write_json_atomic, write_parquet_atomic
 from facemllm.pipeline.core.shards import ShardWriter, shard_paths
@@ -193,7 +193,14 @@ class ShardStage(ShardOutputStage):
 
 
 def read_marker(marker: Path) -> dict | None:
-    return json.loads(marker.read_text()) if marker.exists() else None
+    """A completion marker's content, None when there is none; ``ValueError`` naming the file for
+    one that is not a JSON object (pydantic's parser: deep nesting is an error, not a crash)."""
+    if not marker.exists():
+        return None
+    content = from_json(marker.read_bytes())
+    if not isinstance(content, dict):
+        raise ValueError(f"{marker}: a completion marker must be a JSON object")
+    return content
 
 
 def execute_unit(stage: Stage, unit: int, store: RunStore | None = None) -> tuple[dict, bool]:

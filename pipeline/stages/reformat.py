@@ -275,9 +275,23 @@ def finalize(stage: ReformatStage) -> RunManifest:
     return write_dataset_manifest(dataset_dir, status_counts, shards, split_counts, config.config_hash())
 
 
+def check_label_files(reformatter: DatasetReformatter) -> None:
+    """A label file none of whose rows passed its header check is the wrong file or format: stop
+    before any work, naming it (rather than finish with every row ``bad_header`` and exit 0)."""
+    by_file: dict[str, list] = defaultdict(list)
+    for row in reformatter.rows:
+        by_file[row.source.rsplit(":", 1)[0]].append(row)
+    for name, rows in by_file.items():
+        if all(row.rejection is not None and row.rejection.reason == "bad_header" for row in rows):
+            raise ValueError(
+                f"{reformatter.root / name}: all {len(rows)} rows fail the header check: {rows[0].rejection.detail}"
+            )
+
+
 def run_reformat(config: ReformatConfig) -> RunManifest:
     """Reformat one dataset on the configured Beam runner, then write the manifest; returns it."""
     stage = ReformatStage(config).bind(Path(config.out))
+    check_label_files(stage.reformatter)
     check_reusable(stage)
     run_stage(stage, stage.chunk_ids(), config.out, config.runner, "Reformat")
     return finalize(stage)

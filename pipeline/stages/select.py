@@ -74,11 +74,21 @@ def _ids_from_container(obj: object, parts: list[int] | None, where: str = "id l
     import torch
 
     if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().numpy().astype(np.int64).ravel()
+        try:  # cast by torch: numpy has no bfloat16 or float8, nor sparse tensors
+            return obj.detach().cpu().to(torch.int64).numpy().ravel()
+        except (TypeError, RuntimeError) as err:
+            raise IdListError(
+                f"{where}: a {obj.layout} {obj.dtype} tensor is not sample ids ({err})"
+            ) from err
     if isinstance(obj, np.ndarray):
         return obj.astype(np.int64).ravel()
     if isinstance(obj, dict):
-        keys = sorted(obj)
+        try:
+            keys = sorted(obj)
+        except TypeError as err:
+            raise IdListError(
+                f"{where}: keys are neither all part numbers nor all sample ids ({err})"
+            ) from err
         if all(isinstance(k, int) for k in keys) and _looks_like_parts(obj.values()):
             chosen = keys if parts is None else [k for k in keys if k in set(parts)]
             return _concat([_ids_from_container(obj[k], None, f"{where}[{k}]") for k in chosen])
@@ -86,11 +96,11 @@ def _ids_from_container(obj: object, parts: list[int] | None, where: str = "id l
     if isinstance(obj, list | tuple | set | frozenset):
         items = list(obj)
         if items and _looks_like_parts(items):
-            chosen = range(len(items)) if parts is None else [p for p in parts if p < len(items)]
+            chosen = range(len(items)) if parts is None else [p for p in parts if 0 <= p < len(items)]
             return _concat([_ids_from_container(items[p], None, f"{where}[{p}]") for p in chosen])
         try:
             return np.asarray(sorted(items) if isinstance(obj, set | frozenset) else items, dtype=np.int64)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, OverflowError) as err:
             raise IdListError(f"{where}: expected integer sample ids ({err})") from err
     raise IdListError(f"{where}: unsupported container {type(obj).__name__}")
 
@@ -131,9 +141,12 @@ def load_sample_ids(
         column = next((c for c in ("SAMPLE_ID", "sample_id") if c in table.column_names), None)
         if column is None:
             raise IdListError(f"{path}: no SAMPLE_ID column (has {table.column_names})")
-        if parts is not None and "part" in table.column_names:
-            table = table.filter(pc.is_in(table["part"], pa.array(parts)))
-        ids = table[column].to_numpy(zero_copy_only=False).astype(np.int64)
+        try:  # nulls are no ids; floats and strings cast only when they hold whole numbers
+            if parts is not None and "part" in table.column_names:
+                table = table.filter(pc.is_in(table["part"], pa.array(parts, pa.int64())))
+            ids = table[column].drop_null().cast(pa.int64()).to_numpy()
+        except pa.ArrowException as err:
+            raise IdListError(f"{path}: {column} (and part) must hold integers ({err})") from err
     elif suffix in {".txt", ".csv", ".ids"}:
         try:
             ids = np.loadtxt(path, dtype=np.int64, ndmin=1, comments="#")
@@ -216,18 +229,23 @@ class SelectStage(Stage):
             yield pending
 
     def _batches(self, path: str) -> Iterator[pa.RecordBatch]:
-        parquet = pq.ParquetFile(path)
-        missing = set(LAION_COLUMNS) - set(parquet.schema_arrow.names)
-        if missing:
-            raise ValueError(f"{path}: not LAION-400M metadata, missing columns {sorted(missing)}")
-        for batch in parquet.iter_batches(batch_size=self.config.batch_rows, columns=list(LAION_COLUMNS)):
-            yield pa.RecordBatch.from_arrays(
-                [
-                    batch.column(name).cast(URL_SHARD_SCHEMA.field(field).type)
-                    for name, field in LAION_COLUMNS.items()
-                ],
-                names=list(LAION_COLUMNS),
-            )
+        """The file's LAION columns in batches; a file that is not readable parquet, or whose
+        columns do not cast to ours, is a ValueError naming it (pyarrow's own errors do not)."""
+        try:
+            parquet = pq.ParquetFile(path)
+            missing = set(LAION_COLUMNS) - set(parquet.schema_arrow.names)
+            if missing:
+                raise ValueError(f"not LAION-400M metadata, missing columns {sorted(missing)}")
+            for batch in parquet.iter_batches(batch_size=self.config.batch_rows, columns=list(LAION_COLUMNS)):
+                yield pa.RecordBatch.from_arrays(
+                    [
+                        batch.column(name).cast(URL_SHARD_SCHEMA.field(field).type)
+                        for name, field in LAION_COLUMNS.items()
+                    ],
+                    names=list(LAION_COLUMNS),
+                )
+        except (pa.ArrowException, OSError, ValueError) as err:
+            raise ValueError(f"select.metadata {path}: {err}") from None
 
     def _filter(self, batch: pa.RecordBatch, counts: Counter[str]) -> pa.RecordBatch:
         """Keep id-list members, then apply each filter in turn, counting what each one drops."""
