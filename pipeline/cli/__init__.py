@@ -30,6 +30,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _annotate_exit_code("run", config.annotate, annotations.counts if annotations else {})
 
 
+def cmd_recipe(args: argparse.Namespace) -> int:
+    from facemllm.pipeline.recipe import Recipe, load_recipe
+
+    recipe = Recipe(load_recipe(args.config, args.overrides))
+    if args.dry_run:
+        for step, what in recipe.plan(args.until, args.only):
+            print(f"{step:<20} {what}")
+        return 0
+    ran = recipe.run(args.until, args.only)
+    print(
+        f"recipe: ran {', '.join(ran) or 'nothing (every step was done)'}; state in {recipe.out / 'recipe'}"
+    )
+    print("\n".join(recipe.evaluation_summary()))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from facemllm.pipeline.demo.run import run_demo
 
@@ -185,11 +201,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_override_argument(run)
     run.set_defaults(func=cmd_run)
 
+    recipe = commands.add_parser(
+        "recipe",
+        help="the whole Face-MLLM recipe: acquire, annotate, QA sets, reformat, train 1-2-3, evaluate",
+        description="Run every step of the recipe a config names, skipping each step whose output is "
+        "complete and whose settings and inputs are unchanged (by content hash).",
+    )
+    recipe.add_argument("config", help="recipe YAML (configs/face_mllm.yaml)")
+    recipe.add_argument("--until", metavar="STEP", help="run the steps up to and including STEP")
+    recipe.add_argument("--only", metavar="STEP", help="run STEP alone (the steps it reads must be done)")
+    recipe.add_argument("--dry-run", action="store_true", help="print the plan: what is done, what would run")
+    add_override_argument(recipe)
+    recipe.set_defaults(func=cmd_recipe)
+
     demo = commands.add_parser(
         "demo",
-        help="run the pipeline on the bundled sample, served from loopback",
-        description="Serve the bundled sample photos on 127.0.0.1, run select -> "
-        "download -> faces on them and check the counts.",
+        help="the whole recipe on the bundled sample, served from loopback, in minutes",
+        description="Serve the bundled sample photos on 127.0.0.1, build the fixture face datasets "
+        "and a tiny model, run configs/demo_recipe.yaml on them (acquire, annotate, QA sets, "
+        "reformat, train 1-2-3, evaluate) and check the acquisition's counts.",
     )
     demo.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     add_override_argument(demo)

@@ -3,8 +3,10 @@
 - ``server``: ``SampleServer``, a loopback image host with one route per real-web failure;
 - ``sample``: LAION-style metadata and a LAION-Face id list pointing at that server, with the
   counts a correct run must report;
-- ``run``: ``run_demo``, which serves the sample, runs ``configs/demo.yaml`` on it and checks the
-  counts.
+- ``face_datasets``: CelebA, RAF-DB, UTKFace and FairFace in their native layouts, from real photos;
+- ``run``: ``run_demo``, which serves the sample, builds the rest and runs the whole recipe
+  (``configs/demo_recipe.yaml``) on it, checking the acquisition's counts.
 
-Tests and benchmarks use ``server`` and ``sample`` too, which is why they are modules of their own.
+Tests and benchmarks use ``server``, ``sample`` and ``face_datasets`` too, which is why they are
+modules of their own.
 """

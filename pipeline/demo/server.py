@@ -79,7 +79,9 @@ class SampleServer:
     the download succeeds and decoding fails.
     """
 
-    def __init__(self, photos: Mapping[str, Path], *, stall_s: float = 10.0, latency_s: float = 0.0) -> None:
+    def __init__(
+        self, photos: Mapping[str, Path], *, stall_s: float = 10.0, latency_s: float = 0.0, port: int = 0
+    ) -> None:
         self.photos = {name: Path(path) for name, path in photos.items()}
         jpegs = sorted(name for name, path in self.photos.items() if path.suffix.lower() in (".jpg", ".jpeg"))
         if not jpegs:
@@ -96,7 +98,7 @@ class SampleServer:
         self._closing = threading.Event()
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
-        self._httpd = _Httpd(("127.0.0.1", 0), self._handler_class())
+        self._httpd = _Httpd(("127.0.0.1", port), self._handler_class())
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, args=(0.05,), name="sample-server", daemon=True
         )
