@@ -8,6 +8,7 @@ from a CLIP tower and a Llama LM, three training stages and the evaluator.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,11 @@ from PIL import Image
 
 from facemllm.annotators.model_store import ensure_scrfd_package
 from facemllm.pipeline.cli import main
+from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples
 from facemllm.pipeline.demo.run import demo_recipe, run_demo, start_server
 from facemllm.pipeline.demo.sample import build_demo_sample, package_photos
 from facemllm.pipeline.recipe import Recipe
+from facemllm.schemas import read_qa_samples
 from facemllm.schemas.evaluation import EVAL_TASKS, EvalResult
 
 STEPS = [
@@ -100,3 +103,31 @@ def test_dry_run_of_the_real_recipe_says_what_cannot_run_yet(capsys):
     lines = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines())
     assert lines["acquire"].startswith("cannot run: ") and "laion_face_ids.pth" in lines["acquire"]
     assert lines["stage1"] == "will run after laion_face_qa" and "stage2" not in lines
+
+
+def test_one_question_samples_of_before_are_scored_exactly_as_image_samples(demo, tmp_path):
+    """Datasets published before QA shards grouped questions by image stay usable: the evaluator
+    reads them, and scores the recipe's model on them exactly as on the image samples."""
+    from facemllm.evaluation.config import load_eval_config
+    from facemllm.evaluation.run import evaluate
+
+    legacy = tmp_path / "qa"
+    shutil.copytree(demo / "qa", legacy)
+    for tar in legacy.glob("*/*/*.tar"):
+        samples = list(iter_tar_samples(tar))
+        with ShardWriter(tar) as writer:
+            for _, members in samples:
+                for question in sorted(read_qa_samples(members["json"]), key=lambda q: q.key):
+                    writer.add(
+                        question.key, {"jpg": members["jpg"], "json": question.model_dump_json().encode()}
+                    )
+    ours = {"label": "face-mllm", "checkpoint": str(demo / "train" / "stage3" / "final")}
+    settings = ["device=cpu", "bootstrap_resamples=200", "max_new_tokens=16"]
+    (result,) = evaluate(
+        load_eval_config(None, settings, data=str(legacy), out=str(tmp_path / "eval"), models=[ours])
+    )
+    grouped = EvalResult.model_validate_json((demo / "eval" / "face-mllm" / "result.json").read_text())
+    assert {name: task.metrics for name, task in result.tasks.items()} == {
+        name: task.metrics for name, task in grouped.tasks.items()
+    }
+    assert result.data.data_hash == grouped.data.data_hash

@@ -12,8 +12,11 @@ import torch
 from PIL import Image
 
 from facemllm.pipeline.cli import main
-from facemllm.pipeline.core.shards import ShardWriter
+from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples
 from facemllm.pipeline.core.storage import StorageOptions
+from facemllm.pipeline.demo.face_datasets import build_celeba
+from facemllm.pipeline.stages.reformat import load_reformat_config, run_reformat
+from facemllm.schemas import QAImageSample
 from facemllm.training.config import DataConfig, TrainRunConfig
 from facemllm.training.data import (
     Collator,
@@ -240,3 +243,34 @@ def test_raw_sample_without_image_member_but_placeholder_is_skipped(tmp_path_fac
     raw = RawSample("k", {"json": json.dumps(qa_record("k", "red")).encode()}, 0)
     with pytest.raises(SkipSample, match="missing_image"):
         encoder.encode(raw)
+
+
+def test_an_image_sample_of_the_qa_shards_labels_every_answer_and_nothing_else(tmp_path, tmp_path_factory):
+    """A reformatted CelebA image sample is one multi-turn conversation: each of its answers (with
+    the end-of-turn token) is a labelled stretch, in order, and no question token is labelled."""
+    truth = build_celeba(tmp_path / "celeba")
+    config = load_reformat_config(
+        None,
+        ["runner.direct_running_mode=in_memory"],
+        dataset="celeba",
+        root=str(truth.root),
+        out=str(tmp_path / "qa"),
+    )
+    run_reformat(config)
+    model = loaded("llava", tmp_path_factory)
+    tokenizer = model.processor.tokenizer
+    encoder = ConversationEncoder(model.processor, 2048, image_tokens_estimate(model.processor, model.family))
+    checked = 0
+    for tar in sorted((tmp_path / "qa" / "celeba" / "train").glob("*.tar")):
+        for key, members in iter_tar_samples(tar):
+            sample = QAImageSample.model_validate_json(members["json"])
+            item = encoder.encode(RawSample(key, members, 0))
+            starts = np.flatnonzero(np.diff(np.r_[0, item.label_mask.astype(int), 0]) == 1)
+            ends = np.flatnonzero(np.diff(np.r_[0, item.label_mask.astype(int), 0]) == -1)
+            stretches = [
+                tokenizer.decode(item.input_ids[a:b]).strip() for a, b in zip(starts, ends, strict=True)
+            ]
+            answers = [turn.value for turn in sample.conversations[1::2]]
+            assert stretches == [f"{answer}{tokenizer.eos_token}" for answer in answers], key
+            checked += len(sample.questions) > 1
+    assert checked >= 3  # multi-question samples were among them
