@@ -195,9 +195,15 @@ class EndpointModel:
             timeout=self.settings.connect_timeout_s,
         )
         response.raise_for_status()
-        names = [entry["id"] for entry in response.json().get("data", [])]
+        body = response.json()  # outside data: only an object with a list of {"id": str} counts
+        entries = body.get("data") if isinstance(body, dict) else None
+        names = (
+            [e["id"] for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)]
+            if isinstance(entries, list)
+            else []
+        )
         if len(names) != 1:
-            raise ValueError(f"{redact_url(self.base_url)} serves {names}: name the model as URL#MODEL")
+            raise ValueError(f"{redact_url(self.base_url)} serves {names[:5]}: name the model as URL#MODEL")
         return names[0]
 
     def payload(self, question: Question) -> dict[str, Any]:
