@@ -169,7 +169,7 @@ class DatasetReformatter(ABC, Generic[LabelT]):
         samples = []
         for split, questions in by_split.items():
             self.builder.rng(row.image, f"turn_order/{split}").shuffle(questions)
-            samples.append(QAImageSample.group(questions))
+            samples.append(QAImageSample.group(questions[0].key.rsplit("_", 1)[0], questions))
         return samples
 
     def question_samples(self, row: InputRow[LabelT]) -> list[QASample]:

@@ -5,15 +5,16 @@ Input: ``OUT/annotations/NNNNN.tar`` (per face ``KEY.jpg``, ``KEY.txt`` caption,
 
 - ``OUT/qa/laion_face_caption/<split>/NNNNN.tar``: one sample per face, "describe this face" ->
   the annotator's fine-grained caption (stage 1, vision-language alignment);
-- ``OUT/qa/laion_face_vqa/<split>/NNNNN.tar``: ``vqa_per_face`` questions per face built from the
+- ``OUT/qa/laion_face_vqa/<split>/NNNNN.tar``: one sample per face (``LaionFaceVQASample``: the crop
+  once, a multi-turn conversation) of ``vqa_per_face`` questions built from the
   attribute labels (expression, perceived age and gender, hair, accessories, facial hair, head
   pose, occlusion, image quality, lighting, face shape), in open, multiple-choice and yes/no
   styles (stage 2, basic VQA). Faces annotated by the template annotator (no attributes) give
   captions only.
 
-Each sample is ``KEY.jpg`` + ``KEY.json``: a ``LaionFaceQASample`` with LLaVA ``conversations``
-(what the trainer reads), the structured label (``schemas.qa.QALabel``) and the face's source url,
-licence and LAION ``SAMPLE_ID`` carried through. The split (``train`` or ``val``) is a seeded hash
+Each sample is ``KEY.jpg`` + ``KEY.json``: a ``LaionFaceQASample`` (caption) or ``LaionFaceVQASample``
+with LLaVA ``conversations`` (what the trainer reads), the structured labels (``schemas.qa.QALabel``)
+and the face's source url, licence and LAION ``SAMPLE_ID`` carried through. The split (``train`` or ``val``) is a seeded hash
 of the face key, so a face and all its questions land in the same split. Randomness (question
 paraphrase, tasks, styles, options) comes from a sha256 of (seed, key, purpose), never from global
 state: the same inputs always give the same bytes.
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Literal, get_args
+from typing import ClassVar, Literal, get_args
 
 from pydantic import Field
 
@@ -35,7 +36,7 @@ from facemllm.reformatters.qa import lettered
 from facemllm.reformatters.templates import NO, SINGLE_CHOICE_INSTRUCTIONS, YES
 from facemllm.schemas import StrictModel
 from facemllm.schemas.annotation import FaceAnnotation, FaceAttributes
-from facemllm.schemas.qa import IMAGE_TOKEN, AnswerStyle, QALabel, Turn
+from facemllm.schemas.qa import IMAGE_TOKEN, AnswerStyle, GroupedSample, QALabel, Turn
 from facemllm.schemas.records import Record
 from facemllm.schemas.vocab import (
     AGE_BAND_BOUNDS,
@@ -81,6 +82,33 @@ class LaionFaceQASample(Record):
     license: str = Field("", description="'' when unknown (one JSON type in every sample)")
     sample_id: int = Field(-1, description="LAION SAMPLE_ID, -1 when unknown")
     annotator: str = Field(description="model that wrote the caption and labels, or 'template'")
+
+
+class LaionFaceQuestion(StrictModel):
+    """One question of a ``LaionFaceVQASample``: what scoring it needs besides its two turns."""
+
+    key: str = Field(description="the question's own key, {face key}-qNN")
+    task: str
+    answer_style: Literal["open", "multiple_choice", "yes_no"]
+    template_id: str
+    label: QALabel
+
+
+class LaionFaceVQASample(GroupedSample):
+    """Every stage-2 question about one annotated face: the ``.json`` member of a VQA shard sample
+    (the crop stored once; a multi-turn conversation; a label per question)."""
+
+    single: ClassVar[type[Record]] = LaionFaceQASample
+    key: str = Field(description="the face key (the annotation shard's)")
+    face_key: str
+    dataset: Literal["laion_face_vqa"]
+    split: Split
+    conversations: list[Turn]
+    questions: list[LaionFaceQuestion]
+    url: str = Field(description="source image url")
+    license: str = Field("", description="'' when unknown (one JSON type in every sample)")
+    sample_id: int = Field(-1, description="LAION SAMPLE_ID, -1 when unknown")
+    annotator: str = Field(description="model that wrote the labels")
 
 
 CAPTION_PROMPTS = (

@@ -9,7 +9,7 @@ before this layout stored them: ``read_qa_samples`` reads both).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -134,21 +134,42 @@ class QAQuestion(StrictModel):
     label: QALabel
 
 
-class QAImageSample(Record):
-    """Every question about one image in one split: the ``.json`` member of a QA shard sample.
+def merge_turns(conversations: list[list[Turn]]) -> list[Turn]:
+    """One-question conversations (``<image>`` + question, answer) -> one multi-turn conversation
+    in which ``<image>`` leads only the first question."""
+    merged: list[Turn] = []
+    for i, (question, answer) in enumerate(conversations):
+        text = question.value if i == 0 else question.value.removeprefix(f"{IMAGE_TOKEN}\n")
+        merged += [Turn(speaker="human", value=text), answer]
+    return merged
 
-    ``conversations`` is LLaVA's multi-turn list: question i is turn 2i (the first one led by
-    ``<image>``), its answer turn 2i+1, and ``questions[i]`` its label."""
 
-    key: str = Field(description="{dataset}_{split}_{row:08d}")
-    image: str = Field(description="source image path, relative to the dataset's image base folder")
-    dataset: SourceDataset
-    split: str = Field(description="train, val, test, or zeroshot (CelebA's held-out attributes)")
+def split_turns(conversations: list[Turn]) -> list[list[Turn]]:
+    """The inverse of ``merge_turns``: each question with its answer, led by ``<image>``."""
+    pairs = []
+    for i in range(0, len(conversations), 2):
+        question, answer = conversations[i : i + 2]
+        text = question.value if i == 0 else f"{IMAGE_TOKEN}\n{question.value}"
+        pairs.append([Turn(speaker="human", value=text), answer])
+    return pairs
+
+
+class GroupedSample(Record):
+    """Every question about one image as one sample: the image is stored once, ``conversations``
+    is LLaVA's multi-turn list (question i is turn 2i, the first one led by ``<image>``, its answer
+    turn 2i+1) and ``questions[i]`` what scoring question i needs.
+
+    A subclass names its one-question record (``single``); the fields it shares with it are the
+    image's, the fields of its question type are each question's, so ``group`` and
+    ``question_samples`` are exact inverses."""
+
+    single: ClassVar[type[Record]]
+    key: str
     conversations: list[Turn]
-    questions: list[QAQuestion]
+    questions: list
 
     @model_validator(mode="after")
-    def _two_turns_per_question(self) -> QAImageSample:
+    def _two_turns_per_question(self) -> GroupedSample:
         speakers = [turn.speaker for turn in self.conversations]
         if not self.questions or speakers != ["human", "gpt"] * len(self.questions):
             raise ValueError("conversations must be one human and one gpt turn per question")
@@ -157,52 +178,50 @@ class QAImageSample(Record):
         return self
 
     @classmethod
-    def group(cls, samples: list[QASample]) -> QAImageSample:
-        """One image's questions of one split (in order) as one sample."""
-        first = samples[0]
-        conversations = []
-        for i, sample in enumerate(samples):
-            question, answer = sample.conversations
-            text = question.value if i == 0 else question.value.removeprefix(f"{IMAGE_TOKEN}\n")
-            conversations += [Turn(speaker="human", value=text), answer]
+    def _question_type(cls) -> type[StrictModel]:
+        return cls.model_fields["questions"].annotation.__args__[0]
+
+    @classmethod
+    def _shared(cls) -> list[str]:
+        return [
+            name
+            for name in cls.model_fields
+            if name not in ("schema_version", "key", "conversations", "questions")
+        ]
+
+    @classmethod
+    def group(cls, key: str, samples: list) -> GroupedSample:
+        """One image's one-question samples (in order) as one sample."""
+        question_type = cls._question_type()
         return cls(
-            key=first.key.rsplit("_", 1)[0],
-            image=first.image,
-            dataset=first.dataset,
-            split=first.split,
-            conversations=conversations,
+            key=key,
+            conversations=merge_turns([sample.conversations for sample in samples]),
             questions=[
-                QAQuestion(
-                    key=s.key,
-                    task=s.task,
-                    answer_style=s.answer_style,
-                    template_id=s.template_id,
-                    label=s.label,
-                )
+                question_type(**{name: getattr(s, name) for name in question_type.model_fields})
                 for s in samples
             ],
+            **{name: getattr(samples[0], name) for name in cls._shared()},
         )
 
-    def question_samples(self) -> list[QASample]:
+    def question_samples(self) -> list:
         """Each question on its own, exactly as ``group`` received it."""
-        samples = []
-        for i, question in enumerate(self.questions):
-            asked, answer = self.conversations[2 * i : 2 * i + 2]
-            text = asked.value if i == 0 else f"{IMAGE_TOKEN}\n{asked.value}"
-            samples.append(
-                QASample(
-                    key=question.key,
-                    image=self.image,
-                    dataset=self.dataset,
-                    split=self.split,
-                    task=question.task,
-                    answer_style=question.answer_style,
-                    template_id=question.template_id,
-                    conversations=[Turn(speaker="human", value=text), answer],
-                    label=question.label,
-                )
-            )
-        return samples
+        shared = {name: getattr(self, name) for name in self._shared()}
+        return [
+            self.single(**shared, **dict(question), conversations=turns)
+            for question, turns in zip(self.questions, split_turns(self.conversations), strict=True)
+        ]
+
+
+class QAImageSample(GroupedSample):
+    """Every question about one source image in one split: the ``.json`` member of a QA shard sample."""
+
+    single: ClassVar[type[Record]] = QASample
+    key: str = Field(description="{dataset}_{split}_{row:08d}")
+    image: str = Field(description="source image path, relative to the dataset's image base folder")
+    dataset: SourceDataset
+    split: str = Field(description="train, val, test, or zeroshot (CelebA's held-out attributes)")
+    conversations: list[Turn]
+    questions: list[QAQuestion]
 
 
 def read_qa_samples(payload: bytes | str) -> list[QASample]:

@@ -15,6 +15,7 @@ from facemllm.reformatters.laion_face import (
     CATEGORICAL,
     LaionFaceQAConfig,
     LaionFaceQASample,
+    LaionFaceVQASample,
 )
 from facemllm.schemas import LaionFaceQAStatus, RunManifest
 from facemllm.schemas.annotation import FaceAnnotation, FaceAttributes, Provenance
@@ -89,13 +90,19 @@ def write_annotation_shards(folder: Path) -> dict[str, FaceAnnotation]:
 
 
 def read_folder(folder: Path) -> list[LaionFaceQASample]:
+    """Every caption or question in a folder of shards, one at a time."""
     samples = []
     for tar in sorted(folder.glob("*.tar")):
         for key, members in iter_tar_samples(tar):
-            assert set(members) == {"jpg", "json"}
-            sample = LaionFaceQASample.model_validate_json(members["json"])
-            assert sample.key == key and "." not in key
-            samples.append(sample)
+            assert set(members) == {"jpg", "json"} and "." not in key
+            if folder.parent.name == "laion_face_vqa":  # one sample per face, its questions as turns
+                face = LaionFaceVQASample.model_validate_json(members["json"])
+                assert face.key == face.face_key == key
+                samples += face.question_samples()
+            else:
+                sample = LaionFaceQASample.model_validate_json(members["json"])
+                assert sample.key == key
+                samples.append(sample)
     return samples
 
 
@@ -112,7 +119,7 @@ def test_annotations_become_caption_and_vqa_shards_with_every_face_counted(tmp_p
     assert rows["000000005_00"].status == "bad_annotation" and rows["000000005_00"].error
     assert [rows[key].captions for key in faces] == [1, 1, 1, 0]  # the last caption is too short
     assert [rows[key].questions for key in faces] == [5, 5, 0, 5]  # the template face has no attributes
-    assert manifests["laion_face_vqa"].stages["qa/laion_face_vqa/train"].counts["samples"] == 3 * 5
+    assert manifests["laion_face_vqa"].stages["qa/laion_face_vqa/train"].counts["samples"] == 3
     for dataset in ("laion_face_caption", "laion_face_vqa"):  # what publish and eval read
         written = RunManifest.model_validate_json((tmp_path / "qa" / dataset / "manifest.json").read_text())
         assert written.stages[f"qa/{dataset}"].counts == {"bad_annotation": 1, "faces": 5, "success": 4}
@@ -135,7 +142,7 @@ def test_annotations_become_caption_and_vqa_shards_with_every_face_counted(tmp_p
         if sample.task in BINARY:  # the first face has every flag set, the others none
             assert answer == ("Yes" if sample.face_key == "000000001_00" else "No")
     sizes = json.loads((tmp_path / "qa" / "laion_face_vqa" / "train" / "sizes.json").read_text())
-    assert sum(sizes.values()) == 15
+    assert sum(sizes.values()) == 3  # one sample (and one copy of the crop) per face with questions
 
     # the JSON is what the trainer reads: LLaVA conversations under "conversations"
     raw = json.loads(

@@ -5,7 +5,8 @@ The last hop of the LAION-Face recipe. Per annotated face (``KEY.jpg``, ``KEY.tx
 ``vqa_per_face`` attribute questions; this stage writes them, one shard per input shard and split:
 
 - ``qa/laion_face_caption/<split>/NNNNN.tar`` (stage 1, vision-language alignment);
-- ``qa/laion_face_vqa/<split>/NNNNN.tar`` (stage 2, basic VQA);
+- ``qa/laion_face_vqa/<split>/NNNNN.tar`` (stage 2, basic VQA): one sample per face holding all
+  its questions as one multi-turn conversation (``LaionFaceVQASample``), the crop stored once;
 - ``qa/_laion_face/NNNNN.parquet``: a ``LaionFaceQAStatus`` row per face, and
   ``qa/_laion_face/NNNNN_stats.json``, the completion marker, last (it records the config hash:
   a changed config redoes the shard).
@@ -40,6 +41,7 @@ from facemllm.reformatters.laion_face import (
     LaionFaceQABuilder,
     LaionFaceQAConfig,
     LaionFaceQASample,
+    LaionFaceVQASample,
 )
 from facemllm.schemas import FaceAnnotation, LaionFaceQAStatus, RunManifest, ShardInfo
 
@@ -92,7 +94,7 @@ class LaionFaceQAStage(Stage):
         statuses: list[dict] = []
         with ExitStack() as open_shards:  # an exception aborts every shard of the unit
 
-            def write(sample: LaionFaceQASample, image: bytes) -> None:
+            def write(sample: LaionFaceQASample | LaionFaceVQASample, image: bytes) -> None:
                 folder = f"{sample.dataset}/{sample.split}"
                 if folder not in writers:
                     writers[folder] = open_shards.enter_context(ShardWriter(self.shard(folder, unit)))
@@ -142,8 +144,8 @@ class LaionFaceQAStage(Stage):
             write(self.builder.caption(annotation, split), image)
             captions = 1
         questions = self.builder.questions(annotation, split)
-        for sample in questions:
-            write(sample, image)
+        if questions:  # one sample per face: the crop once, every question a turn of it
+            write(LaionFaceVQASample.group(annotation.key, questions), image)
         return LaionFaceQAStatus(**source, status="success", captions=captions, questions=len(questions))
 
     def counters(self, stats: dict) -> dict[str, int]:
