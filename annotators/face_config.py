@@ -14,6 +14,28 @@ from facemllm.schemas import StrictModel
 DETECTOR_STRIDE = 32
 
 
+# The status-table counters of faces dropped by a quality bound (see ``QualityFilters``).
+QUALITY_DROPS = ("dropped_blurry", "dropped_exposure", "dropped_pose", "dropped_eyes_close")
+
+
+class QualityFilters(StrictModel):
+    """Bounds on the quality measures (``schemas.FaceQuality``); each is off (None) by default.
+    A face outside any bound is dropped and counted by reason in the status table."""
+
+    model_config = ConfigDict(frozen=True)
+
+    min_sharpness: float | None = Field(None, ge=0, description="variance of the Laplacian, e.g. 50")
+    min_brightness: float | None = Field(None, ge=0, le=255, description="mean grayscale, e.g. 40")
+    max_brightness: float | None = Field(None, ge=0, le=255, description="mean grayscale, e.g. 220")
+    min_contrast: float | None = Field(None, ge=0, description="grayscale standard deviation, e.g. 15")
+    max_abs_yaw: float | None = Field(None, ge=0, le=90, description="degrees, e.g. 45")
+    max_abs_pitch: float | None = Field(None, ge=0, le=90, description="degrees")
+    max_abs_roll: float | None = Field(None, ge=0, le=180, description="degrees")
+    min_inter_ocular_px: float | None = Field(
+        None, ge=0, description="eye distance in source pixels, e.g. 20"
+    )
+
+
 class FaceConfig(StrictModel):
     """How faces are detected, filtered and cropped. Defaults suit a 336-448 px vision tower."""
 
@@ -44,6 +66,7 @@ class FaceConfig(StrictModel):
     jpeg_quality: int = Field(95, ge=1, le=100)
     max_image_pixels: int = Field(8192 * 8192, gt=0, description="refuse larger images before decoding them")
     intra_op_threads: int = Field(1, gt=0, description="onnxruntime threads per detector")
+    quality: QualityFilters = QualityFilters()
 
     @field_validator("det_size")
     @classmethod

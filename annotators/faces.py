@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -22,9 +22,9 @@ from insightface.model_zoo import SCRFD, get_model
 from insightface.utils.face_align import norm_crop
 from PIL import Image
 
-from facemllm.annotators.face_config import FaceConfig
+from facemllm.annotators.face_config import QUALITY_DROPS, FaceConfig, QualityFilters
 from facemllm.annotators.model_store import default_detector_path
-from facemllm.schemas import CropGeometry, FaceDetection, FaceRecord, FaceStatus
+from facemllm.schemas import CropGeometry, FaceDetection, FaceQuality, FaceRecord, FaceStatus
 
 DETECTOR_FILE_PREFIXES = ("det_", "scrfd")
 
@@ -113,13 +113,90 @@ def _load_detector(config: FaceConfig) -> SCRFD:
     return detector
 
 
+# The ArcFace template's five points in its 112x112 crop: a frontal face, the pose reference.
+ARCFACE_POINTS = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
+)
+
+
+def pose_from_landmarks(points: np.ndarray) -> tuple[float, float, float]:
+    """(yaw, pitch, roll) in degrees from five landmarks (eyes, nose, mouth corners, image order).
+
+    Roll is the eye line's angle. In the frame that levels the eye line, yaw is the nose's offset
+    from the eyes' midpoint over half the eye distance, and pitch is how far the nose sits above
+    its frontal height between the eye and mouth lines (the ArcFace template's), read as sines.
+    Rough, but monotonic and symmetric: a mirrored face has the opposite yaw and roll."""
+    points = np.asarray(points, dtype=np.float64)
+    dx, dy = points[1] - points[0]
+    roll = np.degrees(np.arctan2(dy, dx))
+    level = _level(points, roll)
+    frontal = _level(ARCFACE_POINTS, 0.0)
+    yaw_sine = (level["nose"][0] - level["eyes"][0]) / (level["eye_distance"] / 2)
+    pitch_sine = 2 * (frontal["nose_height"] - level["nose_height"])
+    yaw = np.degrees(np.arcsin(np.clip(yaw_sine, -1, 1)))
+    pitch = np.degrees(np.arcsin(np.clip(pitch_sine, -1, 1)))
+    return float(yaw), float(pitch), float(roll)
+
+
+def _level(points: np.ndarray, roll: float) -> dict:
+    """The landmarks rotated by ``-roll`` (eye line level): eyes' midpoint, nose, eye distance, and
+    the nose's height between the eye line (0) and the mouth line (1)."""
+    cos, sin = np.cos(np.radians(roll)), np.sin(np.radians(roll))
+    level = (points - points[0]) @ np.array([[cos, -sin], [sin, cos]])
+    eyes, mouth = (level[0] + level[1]) / 2, (level[3] + level[4]) / 2
+    return {
+        "eyes": eyes,
+        "nose": level[2],
+        "eye_distance": max(float(np.linalg.norm(level[1] - level[0])), 1e-6),
+        "nose_height": (level[2][1] - eyes[1]) / max(mouth[1] - eyes[1], 1e-6),
+    }
+
+
+def face_quality(aligned_bgr: np.ndarray, landmarks: np.ndarray) -> FaceQuality:
+    """Sharpness, exposure and pose of one face (its aligned crop and source landmarks)."""
+    gray = cv2.cvtColor(aligned_bgr, cv2.COLOR_BGR2GRAY)
+    yaw, pitch, roll = pose_from_landmarks(landmarks)
+    return FaceQuality(
+        sharpness=round(float(cv2.Laplacian(gray, cv2.CV_64F).var()), 2),
+        brightness=round(float(gray.mean()), 2),
+        contrast=round(float(gray.std()), 2),
+        yaw=round(yaw, 2),
+        pitch=round(pitch, 2),
+        roll=round(roll, 2),
+        inter_ocular_px=round(float(np.linalg.norm(np.subtract(landmarks[1], landmarks[0]))), 2),
+    )
+
+
+def quality_rejection(quality: FaceQuality, bounds: QualityFilters) -> str | None:
+    """The status-table counter a face's quality drops it under, or None when it passes."""
+    checks = (
+        ("dropped_blurry", bounds.min_sharpness, lambda v: quality.sharpness < v),
+        ("dropped_exposure", bounds.min_brightness, lambda v: quality.brightness < v),
+        ("dropped_exposure", bounds.max_brightness, lambda v: quality.brightness > v),
+        ("dropped_exposure", bounds.min_contrast, lambda v: quality.contrast < v),
+        ("dropped_pose", bounds.max_abs_yaw, lambda v: abs(quality.yaw) > v),
+        ("dropped_pose", bounds.max_abs_pitch, lambda v: abs(quality.pitch) > v),
+        ("dropped_pose", bounds.max_abs_roll, lambda v: abs(quality.roll) > v),
+        ("dropped_eyes_close", bounds.min_inter_ocular_px, lambda v: quality.inter_ocular_px < v),
+    )
+    return next((reason for reason, bound, fails in checks if bound is not None and fails(bound)), None)
+
+
+@dataclass
+class _Candidate:
+    detection: FaceDetection
+    aligned: np.ndarray
+    quality: FaceQuality
+
+
 @dataclass
 class _Filtered:
-    kept: list[FaceDetection]
+    kept: list[_Candidate]
     detected: int = 0
     dropped_small: int = 0
     dropped_low_score: int = 0
     dropped_over_max: int = 0
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(QUALITY_DROPS, 0))
 
 
 class FaceCropper:
@@ -131,7 +208,7 @@ class FaceCropper:
 
     def detect(self, image_bgr: np.ndarray) -> list[FaceDetection]:
         """The faces that pass the filters, largest first, ``face_index`` = rank."""
-        return self._detect_and_filter(image_bgr).kept
+        return [candidate.detection for candidate in self._detect_and_filter(image_bgr).kept]
 
     def process(self, image_bytes: bytes, source_key: str, meta: SourceMeta | dict[str, Any]) -> FaceResult:
         """One image in, its status row and one ``CroppedFace`` per kept face out; never raises on bad bytes."""
@@ -151,6 +228,7 @@ class FaceCropper:
             "dropped_small": found.dropped_small,
             "dropped_low_score": found.dropped_low_score,
             "dropped_over_max": found.dropped_over_max,
+            **found.dropped,
         }
         if found.detected == 0:
             outcome = "no_face"
@@ -158,7 +236,7 @@ class FaceCropper:
             outcome = "all_faces_filtered"
         else:
             outcome = "success"
-        faces = [self._crop(image, detection, source_key, source) for detection in found.kept]
+        faces = [self._crop(image, candidate, source_key, source) for candidate in found.kept]
         return FaceResult(FaceStatus(**status_fields, status=outcome, **counts), faces)
 
     def _detect_and_filter(self, image: np.ndarray) -> _Filtered:
@@ -176,34 +254,37 @@ class FaceCropper:
             elif min(x2 - x1, y2 - y1) < self.config.min_face_size:
                 result.dropped_small += 1
             else:
-                candidates.append(((x1, y1, x2, y2), points, score))
+                aligned = self._align(image, points)
+                quality = face_quality(aligned, np.asarray(points))
+                if (reason := quality_rejection(quality, self.config.quality)) is not None:
+                    result.dropped[reason] += 1
+                else:
+                    candidates.append(((x1, y1, x2, y2), points, score, aligned, quality))
         # Largest first; score and position break ties so the order never depends on NMS internals.
         candidates.sort(key=lambda c: (-(c[0][2] - c[0][0]) * (c[0][3] - c[0][1]), -c[2], c[0][0], c[0][1]))
         result.dropped_over_max = max(0, len(candidates) - self.config.max_faces)
-        for index, (box, points, score) in enumerate(candidates[: self.config.max_faces]):
-            result.kept.append(
-                FaceDetection(
-                    bbox=tuple(round(v, 2) for v in box),
-                    landmarks=tuple((round(x, 2), round(y, 2)) for x, y in points),
-                    score=round(score, 4),
-                    face_index=index,
-                    image_width=width,
-                    image_height=height,
-                )
+        for index, (box, points, score, aligned, quality) in enumerate(candidates[: self.config.max_faces]):
+            detection = FaceDetection(
+                bbox=tuple(round(v, 2) for v in box),
+                landmarks=tuple((round(x, 2), round(y, 2)) for x, y in points),
+                score=round(score, 4),
+                face_index=index,
+                image_width=width,
+                image_height=height,
             )
+            result.kept.append(_Candidate(detection, aligned, quality))
         return result
 
-    def _crop(
-        self, image: np.ndarray, detection: FaceDetection, source_key: str, source: dict
-    ) -> CroppedFace:
-        context_box = self._context_box(detection.bbox)
-        context = _cut_square(image, context_box, self.config.context_size)
+    def _align(self, image: np.ndarray, points: list) -> np.ndarray:
         with warnings.catch_warnings():
             # insightface 2.1 calls a scikit-image method deprecated in 0.26; the result is the same
             warnings.filterwarnings("ignore", "`estimate` is deprecated", FutureWarning)
-            aligned = norm_crop(
-                image, np.asarray(detection.landmarks, dtype=np.float32), self.config.aligned_size
-            )
+            return norm_crop(image, np.asarray(points, dtype=np.float32), self.config.aligned_size)
+
+    def _crop(self, image: np.ndarray, candidate: _Candidate, source_key: str, source: dict) -> CroppedFace:
+        detection = candidate.detection
+        context_box = self._context_box(detection.bbox)
+        context = _cut_square(image, context_box, self.config.context_size)
         record = FaceRecord(
             key=f"{source_key}_{detection.face_index:02d}",
             source_key=source_key,
@@ -220,8 +301,9 @@ class FaceCropper:
                 margin=self.config.context_margin,
                 aligned_size=self.config.aligned_size,
             ),
+            quality=candidate.quality,
         )
-        return CroppedFace(record, self._encode_jpeg(context), self._encode_jpeg(aligned))
+        return CroppedFace(record, self._encode_jpeg(context), self._encode_jpeg(candidate.aligned))
 
     def _context_box(self, bbox: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
         """A square on whole pixels centred on the face: crop pixel p maps back to left + p * side / size."""

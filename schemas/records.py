@@ -82,6 +82,23 @@ class CropGeometry(Record):
     aligned_size: int = 112
 
 
+class FaceQuality(StrictModel):
+    """Quality measures of one face, from its aligned crop and its five landmarks.
+
+    Pose angles are estimates from the landmarks alone (no 3D model): yaw from the nose's offset
+    from the eyes' midpoint, pitch from its height between the eye line and the mouth line, both
+    relative to the ArcFace template's frontal face; roll is the eye line's angle. Positive yaw:
+    the nose points to the image's right; positive roll: the eye line tilts clockwise."""
+
+    sharpness: float = Field(description="variance of the Laplacian of the aligned crop's grayscale")
+    brightness: float = Field(description="mean grayscale of the aligned crop, 0-255")
+    contrast: float = Field(description="standard deviation of the aligned crop's grayscale")
+    yaw: float = Field(description="degrees, estimated from the landmarks")
+    pitch: float = Field(description="degrees, estimated from the landmarks (positive: looking up)")
+    roll: float = Field(description="degrees, the eye line's angle")
+    inter_ocular_px: float = Field(description="distance between the eye landmarks in source pixels")
+
+
 class FaceRecord(Record):
     """One face crop and where it came from; the ``.json`` member of a face shard sample."""
 
@@ -95,6 +112,7 @@ class FaceRecord(Record):
     similarity: float | None = None
     detection: FaceDetection
     crop: CropGeometry
+    quality: FaceQuality | None = Field(None, description="None in face shards written before it existed")
 
 
 FaceOutcome = Literal["success", "no_face", "all_faces_filtered", "failed_to_decode"]
@@ -113,6 +131,10 @@ class FaceStatus(Record):
     dropped_small: int = Field(0, description="faces under the minimum face size")
     dropped_low_score: int = Field(0, description="faces under the minimum detection score")
     dropped_over_max: int = Field(0, description="faces beyond the maximum faces per image")
+    dropped_blurry: int = Field(0, description="faces under faces.quality.min_sharpness")
+    dropped_exposure: int = Field(0, description="faces outside the brightness and contrast bounds")
+    dropped_pose: int = Field(0, description="faces turned, tilted or pitched beyond the pose bounds")
+    dropped_eyes_close: int = Field(0, description="faces under faces.quality.min_inter_ocular_px")
 
 
 class ShardInfo(StrictModel):
@@ -165,6 +187,7 @@ ALL_RECORDS: tuple[type[BaseModel], ...] = (
     DownloadStatus,
     FaceDetection,
     CropGeometry,
+    FaceQuality,
     FaceRecord,
     FaceStatus,
     ShardInfo,

@@ -289,3 +289,53 @@ def test_detect_paths_reports_every_path(tmp_path: Path):
     assert (lines[0]["width"], lines[0]["height"], len(lines[0]["faces"])) == (768, 432, 1)
     assert set(lines[0]["faces"][0]) == {"bbox", "landmarks", "score"} and "error" not in lines[0]
     assert all(line["error"] and line["faces"] == [] for line in lines[1:])
+
+
+def faces_by_centre(result: FaceResult, mirror_width: int | None = None) -> dict[tuple[int, int], FaceRecord]:
+    """Kept faces by their bbox centre (mirrored when ``mirror_width`` is given), rounded to 10 px."""
+    found = {}
+    for face in result.faces:
+        x1, y1, x2, y2 = face.record.detection.bbox
+        x = (x1 + x2) / 2 if mirror_width is None else mirror_width - (x1 + x2) / 2
+        found[(round(x / 10), round((y1 + y2) / 20))] = face.record
+    return found
+
+
+def encoded(image: np.ndarray) -> bytes:
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+def test_quality_measures_on_real_photos(solvay: bytes, all_faces_cropper: FaceCropper):
+    """A blurred copy is less sharp, face by face; a mirrored face has the opposite yaw and roll."""
+    image = decoded(solvay)
+    original = faces_by_centre(all_faces_cropper.process(encoded(image), "k", {}))
+    blurred = faces_by_centre(
+        all_faces_cropper.process(encoded(cv2.GaussianBlur(image, (0, 0), 2.5)), "k", {})
+    )
+    mirrored = faces_by_centre(
+        all_faces_cropper.process(encoded(cv2.flip(image, 1)), "k", {}), image.shape[1]
+    )
+    common = original.keys() & blurred.keys()
+    assert len(common) >= 10
+    assert all(blurred[c].quality.sharpness < original[c].quality.sharpness for c in common)
+    turned = [c for c in original.keys() & mirrored.keys() if abs(original[c].quality.yaw) > 5]
+    assert len(turned) >= 5
+    for centre in turned:
+        face, flipped = original[centre].quality, mirrored[centre].quality
+        assert np.sign(face.yaw) == -np.sign(flipped.yaw) and abs(face.yaw + flipped.yaw) < 8
+        assert abs(face.roll + flipped.roll) < 6  # the detector is not exactly mirror-symmetric
+    for record in original.values():
+        quality = record.quality
+        assert 0 < quality.brightness < 255 and quality.contrast > 0
+        left_eye, right_eye = record.detection.landmarks[:2]
+        assert quality.inter_ocular_px == pytest.approx(np.hypot(*np.subtract(right_eye, left_eye)), abs=0.02)
+
+
+def test_quality_filters_drop_and_count_by_reason(solvay: bytes, solvay_all: FaceResult):
+    yaws = sorted(abs(face.record.quality.yaw) for face in solvay_all.faces)
+    bound = yaws[len(yaws) // 2]  # about half the faces are turned further than this
+    strict = FaceCropper(FaceConfig(max_faces=99, quality={"max_abs_yaw": bound, "min_sharpness": 0}))
+    status = strict.process(solvay, "k", {}).status
+    assert status.dropped_pose == sum(y > bound for y in yaws) > 0
+    assert status.faces_kept + status.dropped_pose == solvay_all.status.faces_kept
+    assert status.dropped_blurry == status.dropped_exposure == status.dropped_eyes_close == 0
