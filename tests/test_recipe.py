@@ -131,3 +131,39 @@ def test_one_question_samples_of_before_are_scored_exactly_as_image_samples(demo
         name: task.metrics for name, task in grouped.tasks.items()
     }
     assert result.data.data_hash == grouped.data.data_hash
+
+
+def test_a_takedown_by_sample_id_reaches_every_derived_dataset(demo, tmp_path):
+    """Publish the recipe's LAION-Face data (images, faces, annotations, captions), then remove one
+    photo by its SAMPLE_ID: it leaves every dataset in one new version, and verify passes."""
+    from facemllm.pipeline.core.storage import Storage, StorageOptions
+    from facemllm.pipeline.publishing.layout import read_manifest
+    from facemllm.pipeline.publishing.publish import publish
+    from facemllm.pipeline.publishing.remove import RemovalRequest, remove
+    from facemllm.pipeline.publishing.verify import verify
+
+    options = StorageOptions(progress=False)
+    dest = tmp_path / "published"
+    publish(demo / "laion", str(dest), options)
+    caption_shards = sorted((demo / "laion" / "qa" / "laion_face_caption" / "train").glob("*.tar"))
+    first = json.loads(next(iter_tar_samples(caption_shards[0]))[1]["json"])
+    target = first["sample_id"]
+
+    def holders(version) -> dict[str, int]:
+        """stage -> samples whose record names the target SAMPLE_ID."""
+        found = {}
+        for stage, manifest in version.stages.items():
+            for shard in manifest.shards:
+                for _, members in iter_tar_samples(dest / shard.url):
+                    record = json.loads(members.get("json", b"{}"))
+                    if target in (record.get("SAMPLE_ID"), record.get("sample_id")):
+                        found[stage] = found.get(stage, 0) + 1
+        return found
+
+    before = holders(read_manifest(Storage(str(dest), options)))
+    assert {"images", "faces", "annotations", "qa/laion_face_caption/train"} <= set(before)
+    report = remove(str(dest), RemovalRequest([str(target)]), options)
+    assert report.version == 2 and report.not_found == []
+    assert {stage: len(keys) for stage, keys in report.removed.items()} == before
+    assert holders(read_manifest(Storage(str(dest), options))) == {}
+    assert verify(str(dest), options).ok
