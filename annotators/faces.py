@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import cv2
+import imagehash
 import numpy as np
 import onnxruntime
 from insightface.model_zoo import SCRFD, get_model
@@ -24,6 +25,7 @@ from PIL import Image
 
 from facemllm.annotators.face_config import QUALITY_DROPS, FaceConfig, QualityFilters
 from facemllm.annotators.model_store import default_detector_path
+from facemllm.pipeline.core.blocklist import Blocklists
 from facemllm.schemas import CropGeometry, FaceDetection, FaceQuality, FaceRecord, FaceStatus
 
 DETECTOR_FILE_PREFIXES = ("det_", "scrfd")
@@ -153,7 +155,7 @@ def _level(points: np.ndarray, roll: float) -> dict:
 
 
 def face_quality(aligned_bgr: np.ndarray, landmarks: np.ndarray) -> FaceQuality:
-    """Sharpness, exposure and pose of one face (its aligned crop and source landmarks)."""
+    """Sharpness, exposure, pose and perceptual hash of one face (its aligned crop and landmarks)."""
     gray = cv2.cvtColor(aligned_bgr, cv2.COLOR_BGR2GRAY)
     yaw, pitch, roll = pose_from_landmarks(landmarks)
     return FaceQuality(
@@ -164,6 +166,7 @@ def face_quality(aligned_bgr: np.ndarray, landmarks: np.ndarray) -> FaceQuality:
         pitch=round(pitch, 2),
         roll=round(roll, 2),
         inter_ocular_px=round(float(np.linalg.norm(np.subtract(landmarks[1], landmarks[0]))), 2),
+        phash=str(imagehash.phash(Image.fromarray(aligned_bgr[:, :, ::-1]))),
     )
 
 
@@ -196,15 +199,19 @@ class _Filtered:
     dropped_small: int = 0
     dropped_low_score: int = 0
     dropped_over_max: int = 0
-    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(QUALITY_DROPS, 0))
+    dropped: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys([*QUALITY_DROPS, "dropped_blocklisted"], 0)
+    )
+    blocklist: str | None = None  # the phash list that matched a dropped face
 
 
 class FaceCropper:
     """Detects, filters and crops faces; build once per worker (loading the model costs ~0.1 s)."""
 
-    def __init__(self, config: FaceConfig | None = None):
+    def __init__(self, config: FaceConfig | None = None, blocklists: Blocklists | None = None):
         self.config = config or FaceConfig()
         self.detector = _load_detector(self.config)
+        self.blocklists = blocklists  # phash lists: a matching face is dropped
 
     def detect(self, image_bgr: np.ndarray) -> list[FaceDetection]:
         """The faces that pass the filters, largest first, ``face_index`` = rank."""
@@ -229,6 +236,7 @@ class FaceCropper:
             "dropped_low_score": found.dropped_low_score,
             "dropped_over_max": found.dropped_over_max,
             **found.dropped,
+            "blocklist": found.blocklist,
         }
         if found.detected == 0:
             outcome = "no_face"
@@ -256,7 +264,11 @@ class FaceCropper:
             else:
                 aligned = self._align(image, points)
                 quality = face_quality(aligned, np.asarray(points))
-                if (reason := quality_rejection(quality, self.config.quality)) is not None:
+                listed = self.blocklists.match_phash(int(quality.phash, 16)) if self.blocklists else None
+                if listed is not None:
+                    result.dropped["dropped_blocklisted"] += 1
+                    result.blocklist = listed
+                elif (reason := quality_rejection(quality, self.config.quality)) is not None:
                     result.dropped[reason] += 1
                 else:
                     candidates.append(((x1, y1, x2, y2), points, score, aligned, quality))

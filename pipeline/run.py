@@ -36,8 +36,10 @@ def make_stages(config: RunConfig) -> dict[str, Stage]:
     """The configured stages, in DAG order, by name."""
     factories = {
         "select": lambda: SelectStage(config.select, expand_inputs(config.select.metadata)),
-        "download": lambda: DownloadStage(config.download, config.select.samples_per_shard),
-        "faces": lambda: FaceStage(config.faces),
+        "download": lambda: DownloadStage(
+            config.download, config.select.samples_per_shard, config.select.blocklist
+        ),
+        "faces": lambda: FaceStage(config.faces, blocklist=config.select.blocklist),
         "annotate": lambda: AnnotateStage(config.annotate),
         "laion_face_qa": lambda: LaionFaceQAStage(config.laion_face_qa),
     }

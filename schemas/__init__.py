@@ -19,6 +19,7 @@ from facemllm.schemas.qa import (
 from facemllm.schemas.records import (
     ALL_RECORDS,
     SCHEMA_VERSION,
+    BlockedRow,
     CropGeometry,
     DownloadStatus,
     FaceDetection,
@@ -41,6 +42,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "AnnotationStatus",
     "AnswerStyle",
+    "BlockedRow",
     "CropGeometry",
     "DownloadStatus",
     "FaceAnnotation",

@@ -42,7 +42,7 @@ class LaionRow(Record):
     similarity: float | None = Field(None, description="CLIP image-text similarity")
 
 
-DownloadOutcome = Literal["success", "failed_to_download", "failed_to_resize"]
+DownloadOutcome = Literal["success", "failed_to_download", "failed_to_resize", "blocklisted"]
 
 
 class DownloadStatus(Record):
@@ -82,6 +82,14 @@ class CropGeometry(Record):
     aligned_size: int = 112
 
 
+class BlockedRow(Record):
+    """A LAION row a blocklist removed before download: a row of ``urls/_blocked-NNNNN.parquet``."""
+
+    sample_id: int | None = None
+    url: str | None = None
+    blocklist: str = Field(description="the list that matched, as kind:path")
+
+
 class FaceQuality(StrictModel):
     """Quality measures of one face, from its aligned crop and its five landmarks.
 
@@ -97,6 +105,7 @@ class FaceQuality(StrictModel):
     pitch: float = Field(description="degrees, estimated from the landmarks (positive: looking up)")
     roll: float = Field(description="degrees, the eye line's angle")
     inter_ocular_px: float = Field(description="distance between the eye landmarks in source pixels")
+    phash: str = Field(description="imagehash.phash of the aligned crop, 16 hex digits (64 bits)")
 
 
 class FaceRecord(Record):
@@ -135,6 +144,8 @@ class FaceStatus(Record):
     dropped_exposure: int = Field(0, description="faces outside the brightness and contrast bounds")
     dropped_pose: int = Field(0, description="faces turned, tilted or pitched beyond the pose bounds")
     dropped_eyes_close: int = Field(0, description="faces under faces.quality.min_inter_ocular_px")
+    dropped_blocklisted: int = Field(0, description="faces whose aligned crop's phash is on a blocklist")
+    blocklist: str | None = Field(None, description="the phash list that matched the last dropped face")
 
 
 class ShardInfo(StrictModel):
@@ -184,6 +195,7 @@ class PublishedManifest(RunManifest):
 
 ALL_RECORDS: tuple[type[BaseModel], ...] = (
     LaionRow,
+    BlockedRow,
     DownloadStatus,
     FaceDetection,
     CropGeometry,

@@ -195,18 +195,20 @@ def iter_tar_url(url: str, options: StorageOptions | None = None) -> Iterator[tu
         yield from iter_tar_samples(raw)
 
 
-def repack_sorted(source: Path, final: Path) -> int:
-    """Rewrite a tar written in any order (img2dataset's) as a sorted, deterministic shard.
+def repack_sorted(source: Path, final: Path, leave_out: Iterable[str] = ()) -> int:
+    """Rewrite a tar written in any order (img2dataset's) as a sorted, deterministic shard, without
+    the samples of ``leave_out`` (their bytes are never read).
 
     Reads the headers first, then one sample at a time, so memory stays at one sample.
     """
+    left_out = set(leave_out)
     with tarfile.open(source, mode="r:") as tar:
         by_key: dict[str, dict[str, tarfile.TarInfo]] = {}
         for member in tar.getmembers():
             key, ext = _checked(member)
             by_key.setdefault(key, {})[ext] = member
         with ShardWriter(final) as writer:
-            for key in sorted(by_key):
+            for key in sorted(by_key.keys() - left_out):
                 writer.add(key, {ext: tar.extractfile(m).read() for ext, m in by_key[key].items()})
         return writer.count
 

@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import uuid
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from facemllm.pipeline.core.blocklist import Blocklists, BlocklistSource
 from facemllm.pipeline.core.shards import SHARD_ID_DIGITS, repack_sorted, shard_paths
 from facemllm.pipeline.stages.framework import ShardOutputStage, UnitResult
 from facemllm.pipeline.stages.netguard import DestinationPolicy, install_guarded_opener
@@ -96,9 +98,15 @@ class DownloadStage(ShardOutputStage):
     name = "download"
     output_dir = "images"
 
-    def __init__(self, config: DownloadConfig, samples_per_shard: int):
+    def __init__(self, config: DownloadConfig, samples_per_shard: int, blocklist: list[BlocklistSource] = ()):
         self.config = config
         self.samples_per_shard = samples_per_shard
+        self.blocklist = list(blocklist)
+
+    @cached_property
+    def blocklists(self) -> Blocklists:
+        """The image sha256 lists, read once per worker."""
+        return Blocklists(self.blocklist, ["sha256"])
 
     def setup(self) -> None:
         config = self.config
@@ -157,9 +165,13 @@ class DownloadStage(ShardOutputStage):
             if not ok:
                 raise RuntimeError(f"img2dataset failed on url shard {unit} ({url_shard}); see the log above")
             produced = shard_paths(work, unit)
-            repack_sorted(produced["tar"], self.paths(unit)["tar"])
             statuses = self._complete_status(produced["parquet"], unit, table)
-            return UnitResult(json.loads(produced["stats"].read_bytes()), statuses)
+            statuses, blocked = self._block(statuses)
+            repack_sorted(produced["tar"], self.paths(unit)["tar"], leave_out=blocked)
+            stats = json.loads(produced["stats"].read_bytes())
+            if blocked:
+                stats.update(successes=stats["successes"] - len(blocked), blocklisted=len(blocked))
+            return UnitResult(stats, statuses)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -180,8 +192,22 @@ class DownloadStage(ShardOutputStage):
                 }
         return pa.Table.from_pylist([rows[key] for key in sorted(rows)], status.schema)
 
+    def _block(self, statuses: pa.Table) -> tuple[pa.Table, set[str]]:
+        """Status rows with every image whose sha256 is on a list marked ``blocklisted`` (naming
+        the list), and the keys of those images, which are left out of the shard."""
+        if not self.blocklists:
+            return statuses, set()
+        rows, blocked = statuses.to_pylist(), set()
+        for row in rows:
+            name = self.blocklists.match_sha256(row.get("sha256")) if row["status"] == "success" else None
+            if name is not None:
+                row.update(status="blocklisted", error_message=f"blocklist {name}")
+                blocked.add(row["key"])
+        return pa.Table.from_pylist(rows, statuses.schema), blocked
+
     def counters(self, stats: dict) -> dict[str, int]:
-        return {name: stats.get(name, 0) for name in ("successes", "failed_to_download", "failed_to_resize")}
+        names = ("successes", "failed_to_download", "failed_to_resize", "blocklisted")
+        return {name: stats.get(name, 0) for name in names}
 
     def clean(self) -> None:
         shutil.rmtree(self.root / "images" / WORK_DIR, ignore_errors=True)

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from facemllm.annotators.face_config import QUALITY_DROPS, FaceConfig
+from facemllm.pipeline.core.blocklist import Blocklists, BlocklistSource
 from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples
 from facemllm.pipeline.stages.framework import ShardStage, UnitResult
 from facemllm.schemas import FaceStatus
@@ -25,7 +26,13 @@ IMAGE_META_FIELDS = {
     "nsfw": "NSFW",
     "similarity": "similarity",
 }
-DROP_REASONS = ("dropped_small", "dropped_low_score", "dropped_over_max", *QUALITY_DROPS)
+DROP_REASONS = (
+    "dropped_small",
+    "dropped_low_score",
+    "dropped_over_max",
+    *QUALITY_DROPS,
+    "dropped_blocklisted",
+)
 
 
 class FaceStage(ShardStage):
@@ -34,15 +41,22 @@ class FaceStage(ShardStage):
     name = "faces"
     status_record = FaceStatus
 
-    def __init__(self, config: FaceConfig, input_dir: str = "images", output_dir: str = "faces"):
+    def __init__(
+        self,
+        config: FaceConfig,
+        input_dir: str = "images",
+        output_dir: str = "faces",
+        blocklist: list[BlocklistSource] = (),
+    ):
         self.config = config
         self.input_dir = input_dir
         self.output_dir = output_dir
+        self.blocklist = list(blocklist)
 
     def setup(self) -> None:
         from facemllm.annotators.faces import FaceCropper  # loads cv2: after the decoder bound is set
 
-        self.cropper = FaceCropper(self.config)
+        self.cropper = FaceCropper(self.config, Blocklists(self.blocklist, ["phash"]))
 
     def process_shard(self, unit: int, source: Path, writer: ShardWriter) -> UnitResult:
         statuses: list[dict] = []

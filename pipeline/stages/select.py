@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 from collections import Counter
 from collections.abc import Iterator
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -23,9 +24,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from facemllm.pipeline.core.blocklist import Blocklists, BlocklistSource
 from facemllm.pipeline.core.files import write_parquet_atomic
 from facemllm.pipeline.stages.framework import Stage, UnitResult
-from facemllm.schemas import LaionRow, StrictModel
+from facemllm.schemas import BlockedRow, LaionRow, StrictModel
 from facemllm.schemas.tables import arrow_schema
 
 # LAION-400M metadata column -> LaionRow field
@@ -40,6 +42,7 @@ LAION_COLUMNS = {
     "similarity": "similarity",
 }
 URL_SHARD_SCHEMA = arrow_schema(LaionRow, exclude=("schema_version",))
+ROW_BLOCKLISTS = ("sample_id", "url", "domain")  # the kinds applied here, before download
 
 
 class SelectConfig(StrictModel):
@@ -61,6 +64,11 @@ class SelectConfig(StrictModel):
     batch_rows: int = Field(65_536, gt=0, description="rows read per streamed batch")
     max_shards_per_input: int = Field(
         1_000, gt=0, description="shard ids are input_index * this + chunk: a bound, not a target"
+    )
+    blocklist: list[BlocklistSource] = Field(
+        default_factory=list,
+        description="lists of SAMPLE_IDs, urls and domains (applied here), image sha256s (download) "
+        "and face phashes (faces); see pipeline/core/blocklist.py",
     )
 
 
@@ -172,6 +180,7 @@ class SelectStage(Stage):
     """Streams one metadata file and writes its url shards."""
 
     name = "select"
+    status_record = BlockedRow  # the rows a blocklist removed, each with the list that matched
 
     def __init__(self, config: SelectConfig, metadata_files: list[str]):
         self.config = config
@@ -179,6 +188,11 @@ class SelectStage(Stage):
 
     def setup(self) -> None:
         self.sample_ids = load_sample_ids(self.config.ids, self.config.id_parts, self.config.trust_id_pickle)
+
+    @cached_property
+    def blocklists(self) -> Blocklists:
+        """The SAMPLE_ID, url and domain lists, read once per worker."""
+        return Blocklists(self.config.blocklist, ROW_BLOCKLISTS)
 
     @property
     def urls_dir(self) -> Path:
@@ -190,13 +204,20 @@ class SelectStage(Stage):
     def marker(self, unit: int) -> Path:
         return self.urls_dir / f"_select-{unit:05d}.json"
 
+    def status_table(self, unit: int) -> Path:
+        return self.urls_dir / f"_blocked-{unit:05d}.parquet"
+
     def outputs(self, unit: int, stats: dict) -> list[Path]:
-        return [url_shard_path(self.urls_dir, shard_id) for shard_id in stats["shards"]]
+        return [
+            *(url_shard_path(self.urls_dir, shard_id) for shard_id in stats["shards"]),
+            self.status_table(unit),
+        ]
 
     def process(self, unit: int) -> UnitResult:
         path = self.metadata_files[unit]
         counts: Counter[str] = Counter()
         shard_ids: list[int] = []
+        self.blocked: list[dict] = []
         for chunk_index, rows in enumerate(self._chunks(path, counts)):
             if chunk_index >= self.config.max_shards_per_input:
                 raise ValueError(
@@ -207,7 +228,8 @@ class SelectStage(Stage):
             write_parquet_atomic(url_shard_path(self.urls_dir, shard_id), rows, URL_SHARD_SCHEMA)
             shard_ids.append(shard_id)
         return UnitResult(
-            {"input": str(path), "input_index": unit, "shards": shard_ids, "counts": dict(counts)}
+            {"input": str(path), "input_index": unit, "shards": shard_ids, "counts": dict(counts)},
+            self.blocked,
         )
 
     def counters(self, stats: dict) -> dict[str, int]:
@@ -253,6 +275,8 @@ class SelectStage(Stage):
         position = np.searchsorted(self.sample_ids, ids).clip(max=max(len(self.sample_ids) - 1, 0))
         member = self.sample_ids[position] == ids if len(self.sample_ids) else np.zeros(len(ids), bool)
         batch = self._keep(batch, pa.array(member), "not_in_id_list", counts)
+        if self.blocklists:
+            batch = self._keep(batch, pa.array(self._unblocked(batch)), "blocklisted", counts)
         config = self.config
         if config.min_width or config.min_height:
             big_enough = pc.and_(
@@ -268,6 +292,20 @@ class SelectStage(Stage):
             batch = self._keep(batch, similar, "filtered_similarity", counts)
         counts["selected"] += batch.num_rows
         return batch
+
+    def _unblocked(self, batch: pa.RecordBatch) -> list[bool]:
+        """False for each row a SAMPLE_ID, url or domain list names (recorded with its list)."""
+        keep = []
+        for sample_id, url in zip(
+            batch.column("SAMPLE_ID").to_pylist(), batch.column("URL").to_pylist(), strict=True
+        ):
+            name = self.blocklists.match_row(sample_id, url)
+            if name is not None:
+                self.blocked.append(
+                    BlockedRow(sample_id=sample_id, url=url, blocklist=name).model_dump(mode="json")
+                )
+            keep.append(name is None)
+        return keep
 
     @staticmethod
     def _keep(batch: pa.RecordBatch, mask: pa.Array, reason: str, counts: Counter[str]) -> pa.RecordBatch:
