@@ -15,6 +15,7 @@ from facemllm.annotators.annotate_config import ANNOTATE_RUNTIME_FIELDS, Annotat
 from facemllm.annotators.face_config import FaceConfig
 from facemllm.pipeline.core.config import hash_config, load_yaml_config
 from facemllm.pipeline.runners import RunnerConfig
+from facemllm.pipeline.stages.dedup import DedupConfig
 from facemllm.pipeline.stages.download import DownloadConfig
 from facemllm.pipeline.stages.laion_face_qa import LaionFaceQAConfig
 from facemllm.pipeline.stages.select import SelectConfig
@@ -34,6 +35,7 @@ class RunConfig(StrictModel):
     faces: FaceConfig = FaceConfig()
     annotate: AnnotateConfig = AnnotateConfig()
     laion_face_qa: LaionFaceQAConfig = LaionFaceQAConfig()
+    dedup: DedupConfig = DedupConfig()
     runner: RunnerConfig = RunnerConfig()
 
     def config_hash(self) -> str:

@@ -24,6 +24,7 @@ from facemllm.pipeline.core.shards import completed_shards, shard_paths
 from facemllm.pipeline.core.storage import RunStore
 from facemllm.pipeline.runners import make_runner, pipeline_options
 from facemllm.pipeline.stages.annotate import AnnotateStage, check_annotate_config
+from facemllm.pipeline.stages.dedup import apply_dedup
 from facemllm.pipeline.stages.download import DownloadStage, bound_decoder_pixels
 from facemllm.pipeline.stages.faces import FaceStage
 from facemllm.pipeline.stages.framework import Stage, apply_stage, clean_run
@@ -40,7 +41,7 @@ def make_stages(config: RunConfig) -> dict[str, Stage]:
             config.download, config.select.samples_per_shard, config.select.blocklist
         ),
         "faces": lambda: FaceStage(config.faces, blocklist=config.select.blocklist),
-        "annotate": lambda: AnnotateStage(config.annotate),
+        "annotate": lambda: AnnotateStage(config.annotate, dedup_action=config.dedup.action),
         "laion_face_qa": lambda: LaionFaceQAStage(config.laion_face_qa),
     }
     return {name: make() for name, make in factories.items() if name in config.stages}
@@ -61,6 +62,9 @@ def build(pipeline: beam.Pipeline, config: RunConfig, stages: dict[str, Stage]) 
         if units is None:
             initial = range(len(stage.metadata_files)) if name == "select" else existing_units(out, name)
             units = pipeline | f"{name}Units" >> beam.Create(list(initial))
+        if name == "annotate" and config.dedup.enabled:  # every face shard hashed and grouped first
+            written = apply_dedup(units, config.out, config.dedup)
+            units = units | "AfterDedup" >> beam.Map(lambda unit, _: unit, written)
         units = apply_stage(units, name.title().replace("_", ""), stage, config.out)
 
 

@@ -248,6 +248,7 @@ class FaceAnnotation(Record):
     caption: str = Field(description="fine-grained caption (also the sample's .txt member)")
     attributes: FaceAttributes | None = Field(None, description="None for the template annotator")
     provenance: Provenance
+    duplicate_of: str | None = Field(None, description="dedup.action flag: the face this one duplicates")
 
 
 AnnotationOutcome = Literal[
@@ -260,6 +261,7 @@ AnnotationOutcome = Literal[
     "malformed_response",
     "invalid_output",
     "bad_input",
+    "duplicate",  # another face of the run is the same face (dedup.action: drop); error names it
 ]
 
 
@@ -278,6 +280,9 @@ class AnnotationStatus(Record):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cached: bool = False
+    duplicate_of: str | None = Field(
+        None, description="the keeper's face key when dedup found this face a duplicate"
+    )
 
 
 ANNOTATION_RECORDS: tuple[type[BaseModel], ...] = (

@@ -82,6 +82,17 @@ class CropGeometry(Record):
     aligned_size: int = 112
 
 
+class DuplicateFace(Record):
+    """A face that duplicates another face of the run: a row of ``faces/_dedup.parquet``."""
+
+    key: str = Field(description="the duplicate face's key")
+    keeper: str = Field(description="the face kept for its group (lowest SAMPLE_ID, then lowest key)")
+    reason: Literal["exact", "near"] = Field(
+        description="exact: same image bytes; near: phash within max_distance"
+    )
+    distance: int = Field(description="phash bits between this face and its closest group member")
+
+
 class BlockedRow(Record):
     """A LAION row a blocklist removed before download: a row of ``urls/_blocked-NNNNN.parquet``."""
 
@@ -196,6 +207,7 @@ class PublishedManifest(RunManifest):
 ALL_RECORDS: tuple[type[BaseModel], ...] = (
     LaionRow,
     BlockedRow,
+    DuplicateFace,
     DownloadStatus,
     FaceDetection,
     CropGeometry,

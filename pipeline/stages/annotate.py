@@ -27,7 +27,9 @@ import logging
 import shutil
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from apache_beam.ml.inference.base import ModelHandler
 
@@ -38,6 +40,7 @@ from facemllm.annotators.template_annotator import TemplateAnnotator
 from facemllm.pipeline.core.manifest import shard_stage_manifest
 from facemllm.pipeline.core.shards import ShardWriter, completed_shards, iter_tar_samples, write_sizes
 from facemllm.pipeline.runners import RunnerConfig
+from facemllm.pipeline.stages.dedup import DECISIONS, read_decisions
 from facemllm.pipeline.stages.framework import (
     METRICS_NAMESPACE,
     BeamMetrics,
@@ -47,9 +50,10 @@ from facemllm.pipeline.stages.framework import (
     run_stage_on_folders,
 )
 from facemllm.schemas.annotation import AnnotationStatus, FaceAnnotation
-from facemllm.schemas.records import FaceRecord
+from facemllm.schemas.records import DuplicateFace, FaceRecord
 
 CACHE_DIR_NAME = "_cache"
+DUPLICATE = "duplicate"  # _parse's error for a face dedup dropped (compared by identity)
 log = logging.getLogger(__name__)
 
 
@@ -83,11 +87,13 @@ class AnnotateStage(ShardStage):
         input_dir: str = "faces",
         output_dir: str = "annotations",
         base_url: str | None = None,
+        dedup_action: Literal["drop", "flag"] = "drop",
     ):
         self.config = config
         self.input_dir = input_dir
         self.output_dir = output_dir
         self.base_url = base_url
+        self.dedup_action = dedup_action
         self.server = None
 
     def setup(self) -> None:
@@ -108,6 +114,15 @@ class AnnotateStage(ShardStage):
         if self.server is not None:
             self.server.stop()
             self.server = None
+
+    def inputs(self, unit: int) -> list[Path]:
+        return [*super().inputs(unit), self.root / self.input_dir / DECISIONS.name]
+
+    @cached_property
+    def duplicates(self) -> dict[str, DuplicateFace]:
+        """The dedup decisions (``faces/_dedup.parquet``), read at the first shard: the pipeline
+        starts this stage only once they are written."""
+        return read_decisions(self.root / self.input_dir)
 
     def process_shard(self, unit: int, source: Path, writer: ShardWriter) -> UnitResult:
         statuses: list[dict] = []
@@ -130,8 +145,7 @@ class AnnotateStage(ShardStage):
 
     # -- one face -------------------------------------------------------------------------------
 
-    @staticmethod
-    def _parse(key: str, sample: dict[str, bytes]) -> tuple[FaceRecord | None, bytes, str | None]:
+    def _parse(self, key: str, sample: dict[str, bytes]) -> tuple[FaceRecord | None, bytes, str | None]:
         image = sample.get("jpg", b"")
         try:
             record = FaceRecord.model_validate_json(sample.get("json", b""))
@@ -141,12 +155,15 @@ class AnnotateStage(ShardStage):
             return record, image, f"FaceRecord key {record.key!r} differs from the sample key"
         if not image:
             return record, image, "the face sample has no jpg member"
+        duplicate = self.duplicates.get(key)
+        if duplicate is not None and self.dedup_action == "drop":
+            return record, image, DUPLICATE
         return record, image, None
 
     def _template_outcome(self, key: str, sample: dict[str, bytes]):
         record, image, error = self._parse(key, sample)
         if error is not None:
-            return key, record, image, Outcome(key, "bad_input", error=error)
+            return key, record, image, self._unasked(key, error)
         answer = Answer(self.annotator.caption(record), None, self.annotator.provenance)
         return key, record, image, Outcome(key, "success", answer=answer, latency_s=0.0)
 
@@ -183,7 +200,7 @@ class AnnotateStage(ShardStage):
                     record, image, error = self._parse(key, sample)
                     if error is not None:
                         done = asyncio.get_running_loop().create_future()
-                        done.set_result(Outcome(key, "bad_input", error=error))
+                        done.set_result(self._unasked(key, error))
                         pending.append((key, record, image, done))
                     else:
                         pending.append((key, record, image, asyncio.create_task(ask(key, image))))
@@ -197,8 +214,18 @@ class AnnotateStage(ShardStage):
                 cache.close()
         return {"requests": client.stats.requests, "retries": dict(sorted(client.stats.retries.items()))}
 
+    def _unasked(self, key: str, error: str) -> Outcome:
+        """A face never sent: a duplicate (naming its keeper) or a bad input sample."""
+        if error is DUPLICATE:
+            duplicate = self.duplicates[key]
+            why = f"duplicate of {duplicate.keeper} ({duplicate.reason}, phash distance {duplicate.distance})"
+            return Outcome(key, "duplicate", error=why)
+        return Outcome(key, "bad_input", error=error)
+
     def _write(self, writer: ShardWriter, statuses: list, key, record, image, outcome: Outcome) -> None:
         answer = outcome.answer
+        duplicate = self.duplicates.get(key)
+        duplicate_of = duplicate.keeper if duplicate is not None else None
         if outcome.status == "success":
             annotation = FaceAnnotation(
                 key=key,
@@ -209,6 +236,7 @@ class AnnotateStage(ShardStage):
                 caption=answer.caption,
                 attributes=answer.attributes,
                 provenance=answer.provenance,
+                duplicate_of=duplicate_of,
             )
             writer.add(
                 key,
@@ -231,6 +259,7 @@ class AnnotateStage(ShardStage):
                 prompt_tokens=usage.prompt_tokens if usage is not None else None,
                 completion_tokens=usage.completion_tokens if usage is not None else None,
                 cached=outcome.cached,
+                duplicate_of=duplicate_of,
             ).model_dump(mode="json")
         )
         record_outcome(self.metrics, outcome)

@@ -1,0 +1,221 @@
+"""Duplicates across the whole run: the same photo under many urls, and near copies of one face.
+
+Between ``faces`` and ``annotate``. Every kept face is hashed twice: its source image's sha256
+(img2dataset records it) with its face index, for exact copies, and the 64-bit perceptual hash of
+its aligned crop (``FaceRecord.quality.phash``), for near copies (resized, recompressed, slightly
+cropped). Candidate pairs come from a Beam ``GroupByKey`` over hash bands: the phash is cut into
+``bands`` slices and faces sharing any slice land in one bucket (a pair within ``bands - 1`` bits
+always shares one; farther pairs usually do), so it works across every shard and worker and
+never holds every hash in one place. Pairs within ``max_distance`` bits are duplicates;
+connected groups keep one face, the one with the lowest SAMPLE_ID (then the lowest key), so the
+keeper never depends on order, workers or reruns.
+
+The decisions go to ``faces/_dedup.parquet`` (``DuplicateFace``: each duplicate, its keeper, why);
+the annotate stage drops those faces with a ``duplicate`` status naming the keeper, or, with
+``dedup.action: flag``, annotates them and records ``duplicate_of``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import apache_beam as beam
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from facemllm.pipeline.core.files import write_parquet_atomic
+from facemllm.pipeline.core.shards import iter_tar_samples, shard_paths
+from facemllm.pipeline.core.storage import RunStore
+from facemllm.schemas import DuplicateFace, StrictModel
+from facemllm.schemas.tables import arrow_schema
+
+DECISIONS = Path("faces") / "_dedup.parquet"  # in the run folder; beside the face shards
+HASH_BITS = 64
+
+
+class DedupConfig(StrictModel):
+    enabled: bool = True
+    max_distance: int = Field(
+        4, ge=0, le=32, description="phash bits two aligned crops may differ by and still be one face"
+    )
+    bands: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="phash slices for candidate buckets (more: finds farther pairs, bigger buckets)",
+    )
+    action: Literal["drop", "flag"] = Field(
+        "drop", description="drop: duplicates are not annotated (status duplicate); flag: annotated, marked"
+    )
+    max_bucket: int = Field(
+        20_000, gt=1, description="a bucket larger than this (a degenerate hash) compares exact phashes only"
+    )
+
+
+@dataclass(frozen=True)
+class FaceHashes:
+    key: str
+    sample_id: int | None
+    phash: int
+    image_sha256: str | None
+    face_index: int
+
+    @property
+    def rank(self) -> tuple:
+        """Lower ranks keep: the lowest SAMPLE_ID, then the lowest key."""
+        return (self.sample_id is None, self.sample_id or 0, self.key)
+
+
+def face_hashes(root: Path, unit: int) -> Iterator[FaceHashes]:
+    """The hashes of every face of face shard ``unit`` (the image sha256 from ``images/``)."""
+    image_status = shard_paths(root / "images", unit)["parquet"]
+    sha256 = {}
+    if image_status.exists():
+        table = pq.read_table(image_status, columns=["key", "sha256"])
+        sha256 = dict(zip(table["key"].to_pylist(), table["sha256"].to_pylist(), strict=True))
+    for key, sample in iter_tar_samples(shard_paths(root / "faces", unit)["tar"]):
+        record = json.loads(sample["json"])
+        quality = record.get("quality") or {}
+        if "phash" not in quality:
+            continue  # a face shard written before phashes existed: not deduplicated
+        yield FaceHashes(
+            key=key,
+            sample_id=record.get("sample_id"),
+            phash=int(quality["phash"], 16),
+            image_sha256=sha256.get(record["source_key"]),
+            face_index=record["detection"]["face_index"],
+        )
+
+
+def bucket_keys(face: FaceHashes, bands: int) -> Iterator[tuple]:
+    """The buckets a face goes to: its image's sha256 and face index, and each phash band."""
+    if face.image_sha256:
+        yield ("sha256", face.image_sha256, face.face_index)
+    width = HASH_BITS // bands
+    for band in range(bands):
+        low = band * width
+        high = HASH_BITS if band == bands - 1 else low + width
+        yield ("band", band, (face.phash >> low) & ((1 << (high - low)) - 1))
+
+
+def close_pairs(bucket: tuple, faces: Iterable[FaceHashes], config: DedupConfig) -> Iterator[tuple]:
+    """``(face, face, reason, distance)`` for the duplicate pairs of one bucket."""
+    faces = sorted(set(faces), key=lambda f: f.key)
+    if bucket[0] == "sha256":
+        for a, b in itertools.combinations(faces, 2):
+            yield a, b, "exact", 0
+        return
+    if len(faces) > config.max_bucket:  # a degenerate band value: only identical hashes pair up
+        by_hash: dict[int, list[FaceHashes]] = {}
+        for face in faces:
+            by_hash.setdefault(face.phash, []).append(face)
+        groups = [list(itertools.combinations(group, 2)) for group in by_hash.values()]
+        pairs = itertools.chain.from_iterable(groups)
+    else:
+        pairs = itertools.combinations(faces, 2)
+    for a, b in pairs:
+        distance = (a.phash ^ b.phash).bit_count()
+        if distance <= config.max_distance:
+            yield a, b, "near", distance
+
+
+class Keepers(beam.CombineFn):
+    """Duplicate pairs -> one ``DuplicateFace`` per face that is not its group's keeper."""
+
+    def create_accumulator(self) -> list:
+        return []
+
+    def add_input(self, pairs: list, pair: tuple) -> list:
+        pairs.append(pair)
+        return pairs
+
+    def merge_accumulators(self, accumulators: Iterable[list]) -> list:
+        return [pair for pairs in accumulators for pair in pairs]
+
+    def extract_output(self, pairs: list) -> list[dict]:
+        return duplicate_rows(pairs)
+
+
+def duplicate_rows(pairs: Iterable[tuple]) -> list[dict]:
+    """Union the pairs into groups; every face but the keeper (lowest rank) points at the keeper,
+    with the closest link it has into the group (exact before near)."""
+    parent: dict[str, FaceHashes] = {}
+
+    def root(face: FaceHashes) -> FaceHashes:
+        while parent.setdefault(face.key, face).key != face.key:
+            face = parent[face.key]
+        return face
+
+    best: dict[str, tuple[str, int]] = {}
+    for a, b, reason, distance in pairs:
+        ra, rb = root(a), root(b)
+        if ra.key != rb.key:
+            low, high = sorted((ra, rb), key=lambda f: f.rank)
+            parent[high.key] = low
+        for face in (a, b):
+            link = (0 if reason == "exact" else 1, distance)
+            best[face.key] = min(best.get(face.key, link), link)
+    rows = []
+    for key in sorted(parent):
+        keeper = root(parent[key])
+        if keeper.key != key:
+            kind, distance = best[key]
+            rows.append(
+                DuplicateFace(
+                    key=key, keeper=keeper.key, reason="exact" if kind == 0 else "near", distance=distance
+                ).model_dump(mode="json")
+            )
+    return rows
+
+
+class WriteDecisions(beam.DoFn):
+    """Writes ``faces/_dedup.parquet`` (uploaded to an object-store run); yields its path."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def process(self, rows: list[dict]) -> Iterator[str]:
+        store = RunStore(self.out)
+        path = store.local / DECISIONS
+        write_parquet_atomic(path, sorted(rows, key=lambda row: row["key"]), arrow_schema(DuplicateFace))
+        store.push(path)
+        yield str(DECISIONS)
+
+
+def apply_dedup(face_units: beam.PCollection, out: str, config: DedupConfig) -> beam.pvalue.AsSingleton:
+    """The decisions over every face shard in ``face_units``, as a side input whose readiness
+    means every decision is written (the annotate stage waits on it)."""
+
+    def hashes(unit: int) -> Iterator[tuple]:
+        store = RunStore(out)
+        for path in (
+            shard_paths(store.local / "faces", unit)["tar"],
+            shard_paths(store.local / "images", unit)["parquet"],
+        ):
+            store.fetch(path)
+        for face in face_hashes(store.local, unit):
+            for bucket in bucket_keys(face, config.bands):
+                yield bucket, face
+
+    decisions = (
+        face_units
+        | "DedupHashes" >> beam.FlatMap(hashes)
+        | "DedupBuckets" >> beam.GroupByKey()
+        | "DedupPairs" >> beam.FlatMap(lambda item: close_pairs(item[0], item[1], config))
+        | "DedupKeepers" >> beam.CombineGlobally(Keepers())
+        | "DedupWrite" >> beam.ParDo(WriteDecisions(out))
+    )
+    return beam.pvalue.AsSingleton(decisions)
+
+
+def read_decisions(faces_dir: Path) -> dict[str, DuplicateFace]:
+    """face key -> its decision, from ``_dedup.parquet`` beside the face shards ({} when absent)."""
+    path = faces_dir / DECISIONS.name
+    if not path.exists():
+        return {}
+    return {row["key"]: DuplicateFace.model_validate(row) for row in pq.read_table(path).to_pylist()}

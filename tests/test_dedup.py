@@ -1,0 +1,106 @@
+"""Duplicates across a whole run, with real photos, a real server, SCRFD and Beam's GroupByKey.
+
+The sample serves each photo once and the first photos again under a second url (exact copies),
+plus a rescaled and a recompressed copy of one photo (near copies) and unrelated photos.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import pyarrow.parquet as pq
+import pytest
+
+from facemllm.pipeline.demo.run import demo_config
+from facemllm.pipeline.demo.sample import build_demo_sample, package_photos
+from facemllm.pipeline.demo.server import SampleServer
+from facemllm.pipeline.run import run
+from facemllm.pipeline.stages.dedup import DECISIONS, FaceHashes, duplicate_rows
+
+pytestmark = pytest.mark.slow
+ORIGINAL = "t1.jpg"  # six faces
+
+
+def face(key: str, sample_id: int | None, phash: int = 0) -> FaceHashes:
+    return FaceHashes(key=key, sample_id=sample_id, phash=phash, image_sha256=None, face_index=0)
+
+
+def test_the_keeper_is_the_lowest_sample_id_whatever_the_order_of_pairs():
+    a, b, c, d = face("k3", 30), face("k1", 10), face("k2", None), face("k4", 10)
+    pairs = [(a, b, "near", 2), (c, a, "near", 1), (d, b, "exact", 0)]
+    expected = duplicate_rows(pairs)
+    for seed in range(5):
+        random.Random(seed).shuffle(pairs)
+        assert duplicate_rows(pairs) == expected
+    assert [(row["key"], row["keeper"], row["reason"]) for row in expected] == [
+        ("k2", "k1", "near"),
+        ("k3", "k1", "near"),
+        ("k4", "k1", "exact"),  # the same SAMPLE_ID: the lower key keeps
+    ]
+
+
+@pytest.fixture(scope="module")
+def photos(scrfd_dir, tmp_path_factory) -> dict[str, Path]:
+    """The package photos, plus a rescaled and a recompressed copy of t1.jpg."""
+    photos = package_photos(scrfd_dir)
+    folder = tmp_path_factory.mktemp("copies")
+    image = cv2.imread(str(photos[ORIGINAL]))
+    smaller = cv2.resize(image, None, fx=0.7, fy=0.7, interpolation=cv2.INTER_AREA)
+    cv2.imwrite(str(folder / "t1_rescaled.jpg"), smaller, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    cv2.imwrite(str(folder / "t1_recompressed.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 35])
+    return {
+        **photos,
+        "t1_rescaled.jpg": folder / "t1_rescaled.jpg",
+        "t1_recompressed.jpg": folder / "t1_recompressed.jpg",
+    }
+
+
+def dedup_run(photos: dict[str, Path], out: Path, *overrides: str) -> tuple[list[dict], list[dict], dict]:
+    with SampleServer(photos) as server:
+        sample = build_demo_sample(out.parent / f"{out.name}-sample", server.base_url, photos)
+        run(demo_config(sample, out, ["stages=[select, download, faces, annotate]", *overrides]))
+    decisions = pq.read_table(out / DECISIONS).to_pylist()
+    annotations = [
+        row for p in sorted((out / "annotations").glob("*.parquet")) for row in pq.read_table(p).to_pylist()
+    ]
+    sources = {}
+    for path in sorted((out / "images").glob("*.parquet")):
+        for row in pq.read_table(path).to_pylist():
+            sources[row["key"]] = row["url"].rsplit("/", 1)[-1]
+    return decisions, annotations, sources
+
+
+def test_exact_and_near_copies_are_found_across_shards_with_stable_keepers(photos, tmp_path):
+    decisions, annotations, sources = dedup_run(photos, tmp_path / "one")
+    photo_of = {row["key"]: sources[row["key"].split("_")[0]] for row in decisions}
+    keeper_photo = {row["key"]: sources[row["keeper"].split("_")[0]] for row in decisions}
+    exact = Counter(photo_of[r["key"]] for r in decisions if r["reason"] == "exact")
+    near = Counter(photo_of[r["key"]] for r in decisions if r["reason"] == "near")
+    # every second url of a photo is an exact copy of its first, face by face
+    assert all(name.endswith("?size=large") for name in exact) and exact["t1.jpg?size=large"] == 6
+    # the rescaled and recompressed copies of t1.jpg are near copies of its faces, and nothing else is
+    assert set(near) == {"t1_rescaled.jpg", "t1_recompressed.jpg"} and near["t1_recompressed.jpg"] == 6
+    assert {keeper_photo[r["key"]].split("?")[0] for r in decisions if r["reason"] == "near"} <= {
+        ORIGINAL,
+        "t1_rescaled.jpg",
+        "t1_recompressed.jpg",
+    }
+    by_key = {row["key"]: row for row in annotations}
+    for row in decisions:  # dropped, naming the keeper; the keeper itself annotated
+        assert by_key[row["key"]]["status"] == "duplicate" and row["keeper"] in by_key[row["key"]]["error"]
+        assert by_key[row["keeper"]]["status"] == "success"
+
+    again, _, _ = dedup_run(photos, tmp_path / "two", "runner.direct_num_workers=2")
+    assert [(r["key"], r["keeper"], r["reason"]) for r in again] == [
+        (r["key"], r["keeper"], r["reason"]) for r in decisions
+    ]
+
+
+def test_flag_annotates_duplicates_and_marks_them(photos, tmp_path):
+    decisions, annotations, _ = dedup_run(photos, tmp_path / "flag", "dedup.action=flag")
+    by_key = {row["key"]: row for row in annotations}
+    assert decisions and all(by_key[r["key"]]["status"] == "success" for r in decisions)
+    assert all(by_key[r["key"]]["duplicate_of"] == r["keeper"] for r in decisions)
