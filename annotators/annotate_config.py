@@ -146,10 +146,9 @@ class AnnotateConfig(ClientSettings):
 
     def failure_report(self, counts: dict[str, int]) -> str | None:
         """A message when more than ``max_failure_rate`` of the faces sent got no valid annotation
-        (from a stage's status counts; ``bad_input`` faces were never sent), else None."""
-        failed = {
-            status: n for status, n in counts.items() if status not in ("success", "bad_input", "samples")
-        }
+        (from a stage's status counts; ``bad_input`` and ``duplicate`` faces were never sent), else None."""
+        unsent = ("success", "bad_input", "duplicate", "samples")
+        failed = {status: n for status, n in counts.items() if status not in unsent}
         sent = counts.get("success", 0) + sum(failed.values())
         if not sent or sum(failed.values()) <= self.max_failure_rate * sent:
             return None

@@ -41,7 +41,9 @@ def make_stages(config: RunConfig) -> dict[str, Stage]:
             config.download, config.select.samples_per_shard, config.select.blocklist
         ),
         "faces": lambda: FaceStage(config.faces, blocklist=config.select.blocklist),
-        "annotate": lambda: AnnotateStage(config.annotate, dedup_action=config.dedup.action),
+        "annotate": lambda: AnnotateStage(
+            config.annotate, dedup_action=config.dedup.action if config.dedup.enabled else None
+        ),
         "laion_face_qa": lambda: LaionFaceQAStage(config.laion_face_qa),
     }
     return {name: make() for name, make in factories.items() if name in config.stages}

@@ -40,7 +40,7 @@ from facemllm.annotators.template_annotator import TemplateAnnotator
 from facemllm.pipeline.core.manifest import shard_stage_manifest
 from facemllm.pipeline.core.shards import ShardWriter, completed_shards, iter_tar_samples, write_sizes
 from facemllm.pipeline.runners import RunnerConfig
-from facemllm.pipeline.stages.dedup import DECISIONS, read_decisions
+from facemllm.pipeline.stages.dedup import BESIDE_FACES, read_decisions
 from facemllm.pipeline.stages.framework import (
     METRICS_NAMESPACE,
     BeamMetrics,
@@ -76,6 +76,8 @@ class AnnotateStage(ShardStage):
 
     ``base_url``: the OpenAI-compatible server for the MLLM annotator, overriding the config's
     endpoint (unused by the template annotator; a managed server sets its own in ``setup``).
+    ``dedup_action``: what to do with the faces ``dedup`` found duplicates (``facemllm run`` with
+    ``dedup.enabled``); None: the run does not deduplicate.
     """
 
     name = "annotate"
@@ -87,7 +89,7 @@ class AnnotateStage(ShardStage):
         input_dir: str = "faces",
         output_dir: str = "annotations",
         base_url: str | None = None,
-        dedup_action: Literal["drop", "flag"] = "drop",
+        dedup_action: Literal["drop", "flag"] | None = None,
     ):
         self.config = config
         self.input_dir = input_dir
@@ -116,13 +118,14 @@ class AnnotateStage(ShardStage):
             self.server = None
 
     def inputs(self, unit: int) -> list[Path]:
-        return [*super().inputs(unit), self.root / self.input_dir / DECISIONS.name]
+        decisions = [self.root / self.input_dir / BESIDE_FACES] if self.dedup_action else []
+        return [*super().inputs(unit), *decisions]
 
     @cached_property
     def duplicates(self) -> dict[str, DuplicateFace]:
-        """The dedup decisions (``faces/_dedup.parquet``), read at the first shard: the pipeline
-        starts this stage only once they are written."""
-        return read_decisions(self.root / self.input_dir)
+        """The dedup decisions (``faces/_dedup/duplicates.parquet``), read at the first shard: the pipeline
+        starts this stage only once they are written); none when the run does not deduplicate."""
+        return read_decisions(self.root / self.input_dir) if self.dedup_action else {}
 
     def process_shard(self, unit: int, source: Path, writer: ShardWriter) -> UnitResult:
         statuses: list[dict] = []

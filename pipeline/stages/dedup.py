@@ -10,7 +10,7 @@ never holds every hash in one place. Pairs within ``max_distance`` bits are dupl
 connected groups keep one face, the one with the lowest SAMPLE_ID (then the lowest key), so the
 keeper never depends on order, workers or reruns.
 
-The decisions go to ``faces/_dedup.parquet`` (``DuplicateFace``: each duplicate, its keeper, why);
+The decisions go to ``faces/_dedup/duplicates.parquet`` (``DuplicateFace``: each duplicate, its keeper, why);
 the annotate stage drops those faces with a ``duplicate`` status naming the keeper, or, with
 ``dedup.action: flag``, annotates them and records ``duplicate_of``.
 """
@@ -34,7 +34,10 @@ from facemllm.pipeline.core.storage import RunStore
 from facemllm.schemas import DuplicateFace, StrictModel
 from facemllm.schemas.tables import arrow_schema
 
-DECISIONS = Path("faces") / "_dedup.parquet"  # in the run folder; beside the face shards
+BESIDE_FACES = (
+    Path("_dedup") / "duplicates.parquet"
+)  # in the face shards' folder, apart from their status tables
+DECISIONS = Path("faces") / BESIDE_FACES
 HASH_BITS = 64
 
 
@@ -174,7 +177,7 @@ def duplicate_rows(pairs: Iterable[tuple]) -> list[dict]:
 
 
 class WriteDecisions(beam.DoFn):
-    """Writes ``faces/_dedup.parquet`` (uploaded to an object-store run); yields its path."""
+    """Writes ``faces/_dedup/duplicates.parquet`` (uploaded to an object-store run); yields its path."""
 
     def __init__(self, out: str):
         self.out = out
@@ -214,8 +217,8 @@ def apply_dedup(face_units: beam.PCollection, out: str, config: DedupConfig) -> 
 
 
 def read_decisions(faces_dir: Path) -> dict[str, DuplicateFace]:
-    """face key -> its decision, from ``_dedup.parquet`` beside the face shards ({} when absent)."""
-    path = faces_dir / DECISIONS.name
+    """face key -> its decision, from ``_dedup/duplicates.parquet`` beside the face shards ({} when absent)."""
+    path = faces_dir / BESIDE_FACES
     if not path.exists():
         return {}
     return {row["key"]: DuplicateFace.model_validate(row) for row in pq.read_table(path).to_pylist()}
