@@ -38,6 +38,7 @@ demo: install
 bench: install vllm
 	$(BIN)/python -m benchmarks.bench_download
 	$(BIN)/python -m benchmarks.bench_faces
+	$(BIN)/python -m benchmarks.bench_dedup
 	$(BIN)/python -m benchmarks.bench_reformat
 	$(BIN)/python -m benchmarks.bench_annotate
 	$(BIN)/python -m benchmarks.bench_publish
