@@ -83,7 +83,7 @@ class CropGeometry(Record):
 
 
 class DuplicateFace(Record):
-    """A face that duplicates another face of the run: a row of ``faces/_dedup.parquet``."""
+    """A face that duplicates another face of the run: a row of ``faces/_dedup/duplicates.parquet``."""
 
     key: str = Field(description="the duplicate face's key")
     keeper: str = Field(description="the face kept for its group (lowest SAMPLE_ID, then lowest key)")
