@@ -21,7 +21,7 @@ import apache_beam as beam
 from facemllm.pipeline.config import RunConfig
 from facemllm.pipeline.core.manifest import SHARD_STAGES, write_run_manifest
 from facemllm.pipeline.core.shards import completed_shards, shard_paths
-from facemllm.pipeline.core.storage import RunStore
+from facemllm.pipeline.core.storage import RunStore, url_to_fs
 from facemllm.pipeline.runners import make_runner, pipeline_options
 from facemllm.pipeline.stages.annotate import AnnotateStage, check_annotate_config
 from facemllm.pipeline.stages.dedup import apply_dedup
@@ -74,7 +74,8 @@ def check_inputs(config: RunConfig) -> None:
     """Fail on missing inputs before any work starts, naming the setting to change."""
     if "select" in config.stages:
         expand_inputs(config.select.metadata)
-        if not Path(config.select.ids).is_file():
+        fs, path = url_to_fs(config.select.ids)
+        if not fs.isfile(path):
             raise FileNotFoundError(f"select.ids: no such file {config.select.ids!r}")
     for name in ("model", "model_pack"):
         path = getattr(config.faces, name)

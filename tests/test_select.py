@@ -1,11 +1,15 @@
 """Select: id lists in every published container, streaming, filters and counted drops."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from facemllm.pipeline.core.files import sha256_file
+from facemllm.pipeline.core.storage import Storage
 from facemllm.pipeline.stages.framework import execute_unit
 from facemllm.pipeline.stages.select import (
     LAION_COLUMNS,
@@ -13,6 +17,7 @@ from facemllm.pipeline.stages.select import (
     IdListError,
     SelectConfig,
     SelectStage,
+    expand_inputs,
     load_sample_ids,
     url_shard_path,
 )
@@ -170,3 +175,35 @@ def test_a_corrupt_metadata_parquet_is_named_in_the_error(damage, tmp_path):
     stage.sample_ids = np.array([1])
     with pytest.raises(ValueError, match=f"select.metadata {path}"):
         execute_unit(stage, 0)
+
+
+def test_metadata_globs_and_id_lists_on_s3_select_what_local_files_do(tmp_path, s3_bucket):
+    """select.metadata (a glob) and select.ids at s3:// URLs, read with the storage layer's
+    endpoint and credentials: the same url shards as from local files."""
+    local = laion_metadata(tmp_path / "part-00000.parquet")
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(str(i) for i in range(1000, 1100, 3)) + "\n")
+    store = Storage(f"{s3_bucket}/laion")
+    store.put(local, "meta/part-00000.parquet", sha256_file(local))
+    store.put(ids, "face_ids.txt", sha256_file(ids))
+    torch.save([torch.tensor(list(range(1000, 1100, 3)))], tmp_path / "ids.pth")
+    store.put(tmp_path / "ids.pth", "face_ids.pth", sha256_file(tmp_path / "ids.pth"))
+
+    remote = expand_inputs([f"{s3_bucket}/laion/meta/part-*.parquet"])
+    assert remote == [f"{s3_bucket}/laion/meta/part-00000.parquet"]
+    expected = load_sample_ids(ids)
+    assert np.array_equal(load_sample_ids(f"{s3_bucket}/laion/face_ids.txt"), expected)
+    assert np.array_equal(load_sample_ids(f"{s3_bucket}/laion/face_ids.pth"), expected)
+
+    def shards(metadata: str, folder: Path) -> list[dict]:
+        config = SelectConfig(metadata=[metadata], ids="unused", samples_per_shard=50)
+        stage = SelectStage(config, [metadata]).bind(folder)
+        stage.sample_ids = expected
+        stats, _ = execute_unit(stage, 0)
+        return [
+            row
+            for shard in stats["shards"]
+            for row in pq.read_table(url_shard_path(folder / "urls", shard)).to_pylist()
+        ]
+
+    assert shards(remote[0], tmp_path / "from-s3") == shards(str(local), tmp_path / "from-disk")

@@ -101,10 +101,15 @@ def filesystem_options(protocol: str, options: StorageOptions) -> dict:
     return kwargs
 
 
+def url_to_fs(url: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of any local path or fsspec URL, with this project's options
+    (endpoint, no listing cache)."""
+    return fsspec.core.url_to_fs(url, **filesystem_options(protocol_of(url), options or StorageOptions()))
+
+
 def open_url(url: str, mode: str = "rb", options: StorageOptions | None = None) -> IO[bytes]:
     """Open any local path or fsspec URL as a binary file."""
-    options = options or StorageOptions()
-    fs, path = fsspec.core.url_to_fs(url, **filesystem_options(protocol_of(url), options))
+    fs, path = url_to_fs(url, options)
     return fs.open(path, mode)
 
 

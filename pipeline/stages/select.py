@@ -12,10 +12,11 @@ in the sorted input list); downstream units: the url shards it wrote.
 from __future__ import annotations
 
 import glob
+import io
 from collections import Counter
 from collections.abc import Iterator
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import numpy as np
@@ -26,6 +27,7 @@ from pydantic import Field
 
 from facemllm.pipeline.core.blocklist import Blocklists, BlocklistSource
 from facemllm.pipeline.core.files import write_parquet_atomic
+from facemllm.pipeline.core.storage import is_remote, open_url, url_to_fs
 from facemllm.pipeline.stages.framework import Stage, UnitResult
 from facemllm.schemas import BlockedRow, LaionRow, StrictModel
 from facemllm.schemas.tables import arrow_schema
@@ -128,24 +130,25 @@ def _concat(arrays: list[np.ndarray]) -> np.ndarray:
 def load_sample_ids(
     path: str | Path, parts: list[int] | None = None, trust_pickle: bool = False
 ) -> np.ndarray:
-    """Return the sorted unique sample ids of an id list (.pth, .parquet, .txt/.csv)."""
-    path = Path(path)
-    suffix = path.suffix.lower()
+    """Return the sorted unique sample ids of an id list (.pth, .parquet, .txt/.csv), local or at
+    any fsspec URL (``s3://``, ``gs://``: read through the storage layer's credentials)."""
+    suffix = PurePosixPath(str(path)).suffix.lower()
+    source = _readable(path)
     if suffix in {".pth", ".pt"}:
         import torch
 
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for refused globals
             if not trust_pickle:
                 raise IdListError(
                     f"{path}: torch's safe loader refused it ({err.__class__.__name__}); if you trust the "
                     "file, set select.trust_id_pickle=true"
                 ) from err
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            obj = torch.load(_readable(path), map_location="cpu", weights_only=False)
         ids = _ids_from_container(obj, parts, str(path))
     elif suffix == ".parquet":
-        table = pq.read_table(path)
+        table = pq.read_table(source)
         column = next((c for c in ("SAMPLE_ID", "sample_id") if c in table.column_names), None)
         if column is None:
             raise IdListError(f"{path}: no SAMPLE_ID column (has {table.column_names})")
@@ -157,7 +160,7 @@ def load_sample_ids(
             raise IdListError(f"{path}: {column} (and part) must hold integers ({err})") from err
     elif suffix in {".txt", ".csv", ".ids"}:
         try:
-            ids = np.loadtxt(path, dtype=np.int64, ndmin=1, comments="#")
+            ids = np.loadtxt(source, dtype=np.int64, ndmin=1, comments="#")
         except ValueError as err:
             raise IdListError(f"{path}: expected one integer sample id per line ({err})") from err
     else:
@@ -165,11 +168,24 @@ def load_sample_ids(
     return np.unique(ids)
 
 
+def _readable(path: str | Path) -> Path | io.BytesIO:
+    """A local path as it is; a remote file's bytes (an id list is read whole anyway)."""
+    if not is_remote(str(path)):
+        return Path(path)
+    with open_url(str(path)) as handle:
+        return io.BytesIO(handle.read())
+
+
 def expand_inputs(patterns: list[str]) -> list[str]:
-    """Globs -> a sorted, de-duplicated file list; the order defines each input's index."""
+    """Globs (local, or any fsspec URL) -> a sorted, de-duplicated file list; the order defines
+    each input's index."""
     files: set[str] = set()
     for pattern in patterns:
-        matches = glob.glob(pattern)
+        if is_remote(pattern):
+            fs, path = url_to_fs(pattern)
+            matches = [fs.unstrip_protocol(p) for p in fs.glob(path)]
+        else:
+            matches = glob.glob(pattern)
         if not matches:
             raise FileNotFoundError(f"select.metadata: nothing matches {pattern!r}")
         files.update(matches)
@@ -254,7 +270,7 @@ class SelectStage(Stage):
         """The file's LAION columns in batches; a file that is not readable parquet, or whose
         columns do not cast to ours, is a ValueError naming it (pyarrow's own errors do not)."""
         try:
-            parquet = pq.ParquetFile(path)
+            parquet = pq.ParquetFile(open_url(path) if is_remote(path) else path)
             missing = set(LAION_COLUMNS) - set(parquet.schema_arrow.names)
             if missing:
                 raise ValueError(f"not LAION-400M metadata, missing columns {sorted(missing)}")
