@@ -64,6 +64,9 @@ class ClientSettings(StrictModel):
         description="overall limit per request, from connect to the last byte: a server that trickles "
         "bytes slower than one per timeout_s is cut off here (then retried like a timeout)",
     )
+    max_requests_per_second: float | None = Field(
+        None, gt=0, description="per worker (retries and repairs included); overall: this times the workers"
+    )
     max_response_bytes: int = Field(
         16 << 20,
         gt=0,

@@ -47,6 +47,7 @@ from pydantic import ValidationError
 from facemllm.annotators.annotate_config import AnnotateConfig, ClientSettings
 from facemllm.annotators.prompts import Prompt, load_prompt
 from facemllm.annotators.request_cache import request_key
+from facemllm.pipeline.core.ratelimit import RateLimit
 from facemllm.schemas.annotation import MAX_USAGE_TOKENS, FaceAttributes, FaceResponse, Provenance, TokenUsage
 
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]+")
@@ -201,6 +202,7 @@ class ChatClient:
         self._http: httpx.AsyncClient | None = None
         self._api_key = os.environ.get(config.api_key_env) or None
         self.redactor = Redactor([self._api_key] if self._api_key else [])
+        self._rate = RateLimit(config.max_requests_per_second) if config.max_requests_per_second else None
 
     async def __aenter__(self) -> ChatClient:
         headers = {"Accept-Encoding": ACCEPTED_ENCODINGS}
@@ -241,6 +243,8 @@ class ChatClient:
                 raise RequestFailure(err.reason, self.redactor.text(str(err)), attempts) from None
 
     async def _post_once(self, payload: dict) -> dict:
+        if self._rate is not None:
+            await self._rate.wait_async()
         self.stats.requests += 1
         self.stats._change(+1)
         try:

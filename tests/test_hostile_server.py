@@ -217,3 +217,21 @@ def test_annotate_command_exits_1_loudly_when_too_many_faces_fail(tmp_path, caps
         # a tolerated rate: the same complete shards (trusted, nothing asked again), exit 0
         assert main([*args, "--set", "annotate.max_failure_rate=0.8"]) == 0
         assert len(server.requests) == 4
+
+
+def test_the_annotate_client_keeps_to_its_request_rate():
+    """annotate.max_requests_per_second: concurrency 8, but no more than 10 requests a second."""
+
+    async def ask_many(config: AnnotateConfig) -> float:
+        async with ChatClient(config.endpoint, config) as client:
+            annotator = MLLMAnnotator(config)
+            started = time.monotonic()
+            await asyncio.gather(*(annotator.annotate(client, f"k{i}", b"\xff\xd8jpeg") for i in range(12)))
+            return time.monotonic() - started
+
+    with HostileServer(["ok"], ANSWER) as server:
+        assert (
+            asyncio.run(ask_many(client_config(server.url, concurrency=8, max_requests_per_second=10)))
+            >= 1.05
+        )
+        assert len(server.requests) == 12

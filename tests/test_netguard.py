@@ -298,3 +298,27 @@ def test_https_connects_to_the_checked_address_with_the_original_name(
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
+
+
+def test_the_rate_bound_spaces_every_request_of_the_process(server: SampleServer) -> None:
+    """download.max_requests_per_second: the opener img2dataset's threads share waits for a slot."""
+    url = server.photo_url(sorted(server.photos)[0])
+
+    def fetch_all(threads: int, each: int) -> float:
+        started = time.monotonic()
+        workers = [
+            threading.Thread(
+                target=lambda: [urllib.request.urlopen(url, timeout=5).read() for _ in range(each)]
+            )
+            for _ in range(threads)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        return time.monotonic() - started
+
+    install_guarded_opener(LOOPBACK_OK, max_requests_per_second=10)
+    assert fetch_all(threads=4, each=3) >= 1.05  # 12 requests, the last no sooner than 1.1 s in
+    install_guarded_opener(LOOPBACK_OK)
+    assert fetch_all(threads=4, each=3) < 1.0

@@ -73,6 +73,9 @@ class DownloadConfig(StrictModel):
     user_agent_token: str | None = "facemllm"
     disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
     destinations: DestinationPolicy = DestinationPolicy()
+    max_requests_per_second: float | None = Field(
+        None, gt=0, description="per worker process, redirects included; overall: this times the workers"
+    )
 
 
 def bound_decoder_pixels(max_pixels: int) -> None:
@@ -115,7 +118,7 @@ class DownloadStage(ShardOutputStage):
         from img2dataset.resizer import Resizer
         from img2dataset.writer import WebDatasetSampleWriter
 
-        install_guarded_opener(config.destinations)
+        install_guarded_opener(config.destinations, config.max_requests_per_second)
         resizer = Resizer(
             image_size=config.image_size,
             resize_mode=config.resize_mode,

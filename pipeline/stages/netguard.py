@@ -30,6 +30,7 @@ from typing import Any
 
 from pydantic import ConfigDict
 
+from facemllm.pipeline.core.ratelimit import RateLimit
 from facemllm.schemas import StrictModel
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -174,33 +175,43 @@ class _PinnedHTTPSConnection(_PinnedConnectionMixin, http.client.HTTPSConnection
 
 
 class _GuardedHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, policy: DestinationPolicy) -> None:
+    def __init__(self, policy: DestinationPolicy, rate: RateLimit | None = None) -> None:
         super().__init__()
         self._policy = policy
+        self._rate = rate
 
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        if self._rate is not None:
+            self._rate.wait()
         return self.do_open(_PinnedHTTPConnection, req, policy=self._policy)
 
 
 class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, policy: DestinationPolicy) -> None:
+    def __init__(self, policy: DestinationPolicy, rate: RateLimit | None = None) -> None:
         super().__init__()
         self._policy = policy
+        self._rate = rate
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        if self._rate is not None:
+            self._rate.wait()
         return self.do_open(_PinnedHTTPSConnection, req, policy=self._policy, context=self._context)
 
 
-def guarded_opener(policy: DestinationPolicy) -> urllib.request.OpenerDirector:
-    """An opener with only the guarded http(s) handlers and urllib's error and redirect handling.
+def guarded_opener(
+    policy: DestinationPolicy, max_requests_per_second: float | None = None
+) -> urllib.request.OpenerDirector:
+    """An opener with only the guarded http(s) handlers and urllib's error and redirect handling;
+    every request (redirect hops included) waits for its slot under ``max_requests_per_second``.
 
     Built by hand rather than with ``build_opener``, which would add the proxy, ftp, file and data
     handlers back.
     """
+    rate = RateLimit(max_requests_per_second) if max_requests_per_second else None
     opener = urllib.request.OpenerDirector()
     for handler in (
-        _GuardedHTTPHandler(policy),
-        _GuardedHTTPSHandler(policy),
+        _GuardedHTTPHandler(policy, rate),
+        _GuardedHTTPSHandler(policy, rate),
         urllib.request.HTTPDefaultErrorHandler(),
         urllib.request.HTTPRedirectHandler(),
         urllib.request.HTTPErrorProcessor(),
@@ -210,11 +221,14 @@ def guarded_opener(policy: DestinationPolicy) -> urllib.request.OpenerDirector:
     return opener
 
 
-def install_guarded_opener(policy: DestinationPolicy) -> urllib.request.OpenerDirector:
-    """Make every ``urllib.request.urlopen`` in this process go through the guard.
+def install_guarded_opener(
+    policy: DestinationPolicy, max_requests_per_second: float | None = None
+) -> urllib.request.OpenerDirector:
+    """Make every ``urllib.request.urlopen`` in this process go through the guard (and the rate
+    bound, shared by all of the process's download threads).
 
     Calling it again replaces the guard with one for the new policy (it never stacks).
     """
-    opener = guarded_opener(policy)
+    opener = guarded_opener(policy, max_requests_per_second)
     urllib.request.install_opener(opener)
     return opener
