@@ -14,12 +14,14 @@ manifests last.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import apache_beam as beam
 
 from facemllm.pipeline.config import RunConfig
 from facemllm.pipeline.core.manifest import SHARD_STAGES, write_run_manifest
+from facemllm.pipeline.core.progress import ProgressMonitor
 from facemllm.pipeline.core.shards import completed_shards, shard_paths
 from facemllm.pipeline.core.storage import RunStore, url_to_fs
 from facemllm.pipeline.runners import make_runner, pipeline_options
@@ -110,8 +112,11 @@ def sync_completed(store: RunStore) -> None:
     store.remote.parallel(pushes, lambda files: store.push_completed(*files), "upload finished shards")
 
 
-def run(config: RunConfig):
-    """Run the configured stages to completion, then write the manifests; returns the run manifest."""
+def run(config: RunConfig, progress: bool = True):
+    """Run the configured stages to completion, then write the manifests; returns the run manifest.
+
+    Progress, read from the completion markers, goes to ``OUT/logs/progress.jsonl`` and, when
+    ``progress`` and the console is a terminal, to a live table."""
     check_inputs(config)
     bound_decoder_pixels(config.download.max_image_pixels)  # before any import of cv2; workers inherit it
     store = RunStore(config.out)
@@ -120,9 +125,11 @@ def run(config: RunConfig):
     stages = make_stages(config)
     clean_run([stage.bind(out) for stage in stages.values()], run_folder=out)
     sync_completed(store)  # a resumed run sees what the store already holds
-    with beam.Pipeline(
-        runner=make_runner(config.runner), options=pipeline_options(config.runner)
-    ) as pipeline:
+    inputs = len(stages["select"].metadata_files) if "select" in stages else 0
+    with (
+        ProgressMonitor(config.out, list(stages), inputs, console=progress and sys.stderr.isatty()),
+        beam.Pipeline(runner=make_runner(config.runner), options=pipeline_options(config.runner)) as pipeline,
+    ):
         build(pipeline, config, stages)
     clean_run(stages.values(), run_folder=out)
     sync_completed(store)  # the manifest is built from every worker's shards

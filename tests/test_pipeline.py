@@ -206,3 +206,27 @@ def test_laion_face_qa_stage_reads_the_annotations_and_writes_datasets_with_mani
     for stage in caption.stages.values():
         for shard in stage.shards:
             assert sha256_file(out / "qa" / "laion_face_caption" / shard.url) == shard.sha256
+
+
+def test_the_progress_log_has_a_line_per_completed_shard_and_totals_equal_to_the_manifest(reference):
+    out, manifest = reference
+    lines = [json.loads(line) for line in (out / "logs" / "progress.jsonl").read_text().splitlines()]
+    *units, last = lines
+    per_stage = {
+        stage: [line for line in units if line["stage"] == stage]
+        for stage in ("select", "download", "faces", "annotate")
+    }
+    assert {stage: len(rows) for stage, rows in per_stage.items()} == {
+        "select": 1,
+        "download": len(manifest.stages["images"].shards),
+        "faces": len(manifest.stages["faces"].shards),
+        "annotate": len(manifest.stages["annotations"].shards),
+    }
+    assert all(len({row["unit"] for row in rows}) == len(rows) for rows in per_stage.values())  # each once
+    totals, images = last["totals"], manifest.stages["images"].counts
+    assert totals["select"]["items"] == manifest.stages["urls"].counts["rows_read"]
+    assert totals["download"]["items"] == manifest.stages["urls"].counts["selected"]
+    assert totals["download"]["failures"] == images["failed_to_download"] + images["failed_to_resize"]
+    assert totals["faces"]["items"] == images["success"]
+    assert totals["annotate"]["items"] == manifest.stages["faces"].counts["samples"]
+    assert per_stage["download"][-1]["done"] == per_stage["download"][-1]["total"]

@@ -24,7 +24,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from facemllm.pipeline.run import run
 
     config = load_config(args.config, args.overrides)
-    manifest = run(config)
+    manifest = run(config, progress=not args.no_progress)
     print_summary(manifest)
     annotations = manifest.stages.get("annotations")
     return _annotate_exit_code("run", config.annotate, annotations.counts if annotations else {})
@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the stages of a YAML config on the configured Beam runner.",
     )
     run.add_argument("config", help=f"YAML run config (examples in {REPO_CONFIGS})")
+    run.add_argument(
+        "--no-progress", action="store_true", help="no live table (OUT/logs/progress.jsonl is written anyway)"
+    )
     add_override_argument(run)
     run.set_defaults(func=cmd_run)
 
