@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from facemllm.schemas import StrictModel
+from facemllm.schemas.annotation import REQUEST_FAILURES
 
 
 class ManagedServerConfig(StrictModel):
@@ -150,8 +151,7 @@ class AnnotateConfig(ClientSettings):
     def failure_report(self, counts: dict[str, int]) -> str | None:
         """A message when more than ``max_failure_rate`` of the faces sent got no valid annotation
         (from a stage's status counts; ``bad_input`` and ``duplicate`` faces were never sent), else None."""
-        unsent = ("success", "bad_input", "duplicate", "samples")
-        failed = {status: n for status, n in counts.items() if status not in unsent}
+        failed = {status: counts[status] for status in REQUEST_FAILURES if counts.get(status)}
         sent = counts.get("success", 0) + sum(failed.values())
         if not sent or sum(failed.values()) <= self.max_failure_rate * sent:
             return None

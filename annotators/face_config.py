@@ -16,6 +16,8 @@ DETECTOR_STRIDE = 32
 
 # The status-table counters of faces dropped by a quality bound (see ``QualityFilters``).
 QUALITY_DROPS = ("dropped_blurry", "dropped_exposure", "dropped_pose", "dropped_eyes_close")
+# Every counter of faces dropped after detection: the quality bounds and the phash blocklists.
+FILTER_DROPS = (*QUALITY_DROPS, "dropped_blocklisted")
 
 
 class QualityFilters(StrictModel):

@@ -23,7 +23,7 @@ from insightface.model_zoo import SCRFD, get_model
 from insightface.utils.face_align import norm_crop
 from PIL import Image
 
-from facemllm.annotators.face_config import QUALITY_DROPS, FaceConfig, QualityFilters
+from facemllm.annotators.face_config import FILTER_DROPS, FaceConfig, QualityFilters
 from facemllm.annotators.model_store import default_detector_path
 from facemllm.pipeline.core.blocklist import Blocklists
 from facemllm.schemas import CropGeometry, FaceDetection, FaceQuality, FaceRecord, FaceStatus
@@ -199,9 +199,7 @@ class _Filtered:
     dropped_small: int = 0
     dropped_low_score: int = 0
     dropped_over_max: int = 0
-    dropped: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys([*QUALITY_DROPS, "dropped_blocklisted"], 0)
-    )
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FILTER_DROPS, 0))
     blocklist: str | None = None  # the phash list that matched a dropped face
 
 

@@ -18,7 +18,7 @@ stage's status table: one per input face, success or a named reason.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field
 
@@ -263,6 +263,14 @@ AnnotationOutcome = Literal[
     "bad_input",
     "duplicate",  # another face of the run is the same face (dedup.action: drop); error names it
 ]
+
+
+# Faces never sent to the server (a bad input sample, a duplicate dedup dropped), and the outcomes
+# of faces sent that got no valid annotation: what annotate.max_failure_rate and progress count.
+NOT_SENT: tuple[str, ...] = ("bad_input", "duplicate")
+REQUEST_FAILURES: tuple[str, ...] = tuple(
+    o for o in get_args(AnnotationOutcome) if o not in ("success", *NOT_SENT)
+)
 
 
 class AnnotationStatus(Record):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from facemllm.pipeline.core.storage import RunStore
+from facemllm.schemas.annotation import REQUEST_FAILURES
 
 PROGRESS_LOG = Path("logs") / "progress.jsonl"
 
@@ -38,18 +39,7 @@ MARKERS = {
         "annotations",
         "*_stats.json",
         "faces",
-        tuple(
-            f"status.{s}"
-            for s in (
-                "timeout",
-                "connection_error",
-                "rate_limited",
-                "server_error",
-                "client_error",
-                "malformed_response",
-                "invalid_output",
-            )
-        ),
+        tuple(f"status.{outcome}" for outcome in REQUEST_FAILURES),
     ),
     "laion_face_qa": StageMarkers(
         "qa/_laion_face", "*_stats.json", "faces", ("status.bad_annotation", "status.no_image")
@@ -152,10 +142,7 @@ class ProgressMonitor:
                 progress.done.add(marker.name)
                 progress.items += _value(stats, spec.items)
                 progress.failures += sum(_value(stats, name) for name in spec.failures)
-                elapsed = max(time.monotonic() - self.started, 1e-6)
-                total = self.total(stage)
-                rate = len(progress.done) / elapsed
-                eta = (total - len(progress.done)) / rate if total and rate else None
+                total, items_per_s, eta = self.rates(stage)
                 self._append(
                     {
                         "stage": stage,
@@ -164,10 +151,18 @@ class ProgressMonitor:
                         "total": total,
                         "items": progress.items,
                         "failures": progress.failures,
-                        "items_per_s": round(progress.items / elapsed, 2),
+                        "items_per_s": round(items_per_s, 2),
                         "eta_s": round(eta, 1) if eta is not None else None,
                     }
                 )
+
+    def rates(self, stage: str) -> tuple[int | None, float, float | None]:
+        """(units known, items/s, seconds left at the units/s so far; None while unknown)."""
+        progress = self.progress[stage]
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        total, done = self.total(stage), len(progress.done)
+        eta = max(total - done, 0) / (done / elapsed) if total and done else None
+        return total, progress.items / elapsed, eta
 
     def table(self):
         from rich.table import Table
@@ -175,18 +170,13 @@ class ProgressMonitor:
         table = Table(title="facemllm run", expand=False)
         for column in ("stage", "shards", "items", "items/s", "failures", "ETA s"):
             table.add_column(column)
-        elapsed = max(time.monotonic() - self.started, 1e-6)
         for stage, progress in self.progress.items():
-            total = self.total(stage)
-            rate = len(progress.done) / elapsed
-            eta = (
-                (total - len(progress.done)) / rate if total and rate and total > len(progress.done) else None
-            )
+            total, items_per_s, eta = self.rates(stage)
             table.add_row(
                 stage,
                 f"{len(progress.done)}/{total if total is not None else '?'}",
                 str(progress.items),
-                f"{progress.items / elapsed:.1f}",
+                f"{items_per_s:.1f}",
                 str(progress.failures),
                 f"{eta:.0f}" if eta is not None else "-",
             )

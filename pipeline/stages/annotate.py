@@ -53,7 +53,6 @@ from facemllm.schemas.annotation import AnnotationStatus, FaceAnnotation
 from facemllm.schemas.records import DuplicateFace, FaceRecord
 
 CACHE_DIR_NAME = "_cache"
-DUPLICATE = "duplicate"  # _parse's error for a face dedup dropped (compared by identity)
 log = logging.getLogger(__name__)
 
 
@@ -148,25 +147,33 @@ class AnnotateStage(ShardStage):
 
     # -- one face -------------------------------------------------------------------------------
 
-    def _parse(self, key: str, sample: dict[str, bytes]) -> tuple[FaceRecord | None, bytes, str | None]:
+    def _parse(self, key: str, sample: dict[str, bytes]) -> tuple[FaceRecord | None, bytes, Outcome | None]:
+        """The face's record and crop, and the outcome of a face that is not sent: a bad input
+        sample, or a duplicate dedup dropped (naming its keeper)."""
         image = sample.get("jpg", b"")
         try:
             record = FaceRecord.model_validate_json(sample.get("json", b""))
         except ValueError as err:
-            return None, image, f"unreadable FaceRecord: {str(err).splitlines()[0]}"
+            return (
+                None,
+                image,
+                Outcome(key, "bad_input", error=f"unreadable FaceRecord: {str(err).splitlines()[0]}"),
+            )
         if record.key != key:
-            return record, image, f"FaceRecord key {record.key!r} differs from the sample key"
+            error = f"FaceRecord key {record.key!r} differs from the sample key"
+            return record, image, Outcome(key, "bad_input", error=error)
         if not image:
-            return record, image, "the face sample has no jpg member"
+            return record, image, Outcome(key, "bad_input", error="the face sample has no jpg member")
         duplicate = self.duplicates.get(key)
         if duplicate is not None and self.dedup_action == "drop":
-            return record, image, DUPLICATE
+            why = f"duplicate of {duplicate.keeper} ({duplicate.reason}, phash distance {duplicate.distance})"
+            return record, image, Outcome(key, "duplicate", error=why)
         return record, image, None
 
     def _template_outcome(self, key: str, sample: dict[str, bytes]):
-        record, image, error = self._parse(key, sample)
-        if error is not None:
-            return key, record, image, self._unasked(key, error)
+        record, image, unsent = self._parse(key, sample)
+        if unsent is not None:
+            return key, record, image, unsent
         answer = Answer(self.annotator.caption(record), None, self.annotator.provenance)
         return key, record, image, Outcome(key, "success", answer=answer, latency_s=0.0)
 
@@ -200,10 +207,10 @@ class AnnotateStage(ShardStage):
 
             try:
                 for key, sample in faces:
-                    record, image, error = self._parse(key, sample)
-                    if error is not None:
+                    record, image, unsent = self._parse(key, sample)
+                    if unsent is not None:
                         done = asyncio.get_running_loop().create_future()
-                        done.set_result(self._unasked(key, error))
+                        done.set_result(unsent)
                         pending.append((key, record, image, done))
                     else:
                         pending.append((key, record, image, asyncio.create_task(ask(key, image))))
@@ -216,14 +223,6 @@ class AnnotateStage(ShardStage):
                     task.cancel()
                 cache.close()
         return {"requests": client.stats.requests, "retries": dict(sorted(client.stats.retries.items()))}
-
-    def _unasked(self, key: str, error: str) -> Outcome:
-        """A face never sent: a duplicate (naming its keeper) or a bad input sample."""
-        if error is DUPLICATE:
-            duplicate = self.duplicates[key]
-            why = f"duplicate of {duplicate.keeper} ({duplicate.reason}, phash distance {duplicate.distance})"
-            return Outcome(key, "duplicate", error=why)
-        return Outcome(key, "bad_input", error=error)
 
     def _write(self, writer: ShardWriter, statuses: list, key, record, image, outcome: Outcome) -> None:
         answer = outcome.answer

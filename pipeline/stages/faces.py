@@ -12,7 +12,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from facemllm.annotators.face_config import QUALITY_DROPS, FaceConfig
+from facemllm.annotators.face_config import FILTER_DROPS, FaceConfig
 from facemllm.pipeline.core.blocklist import Blocklists, BlocklistSource
 from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples
 from facemllm.pipeline.stages.framework import ShardStage, UnitResult
@@ -26,13 +26,7 @@ IMAGE_META_FIELDS = {
     "nsfw": "NSFW",
     "similarity": "similarity",
 }
-DROP_REASONS = (
-    "dropped_small",
-    "dropped_low_score",
-    "dropped_over_max",
-    *QUALITY_DROPS,
-    "dropped_blocklisted",
-)
+DROP_REASONS = ("dropped_small", "dropped_low_score", "dropped_over_max", *FILTER_DROPS)
 
 
 class FaceStage(ShardStage):
