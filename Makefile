@@ -8,7 +8,7 @@ UV_FIND_LINKS := $(if $(wildcard $(FIND_LINKS)),--find-links $(FIND_LINKS),)
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install vllm test fuzz demo bench lint clean
+.PHONY: install vllm browser test fuzz demo bench lint clean
 
 install: $(STAMP)
 
@@ -24,7 +24,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m facemllm.annotators.model_store
 	@rm -f $(VENV)/.installed-* && touch $@
 
-test: install vllm
+# Debian's chromium, for the test that opens the run report headless (apt-get when missing).
+browser:
+	@bash scripts/install_browser.sh
+
+test: install vllm browser
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 

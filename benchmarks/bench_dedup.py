@@ -124,6 +124,7 @@ def throughput(faces: list, copies: int) -> dict:
             phash=int(f[3].quality.phash, 16),
             image_sha256=None,
             face_index=0,
+            shard=c,
         )
         for c in range(copies)
         for i, f in enumerate(faces)

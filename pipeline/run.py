@@ -24,6 +24,7 @@ from facemllm.pipeline.core.manifest import SHARD_STAGES, write_run_manifest
 from facemllm.pipeline.core.progress import ProgressMonitor
 from facemllm.pipeline.core.shards import completed_shards, shard_paths
 from facemllm.pipeline.core.storage import RunStore, url_to_fs
+from facemllm.pipeline.publishing.report import REPORT_DATA, write_run_report
 from facemllm.pipeline.runners import make_runner, pipeline_options
 from facemllm.pipeline.stages.annotate import AnnotateStage, check_annotate_config
 from facemllm.pipeline.stages.dedup import apply_dedup
@@ -139,8 +140,9 @@ def run(config: RunConfig, progress: bool = True):
         finalize_laion_face_qa(qa, existing_units(out, "laion_face_qa"))
         pushed = sorted(qa.qa_dir.glob("*/*/sizes.json")) + sorted(qa.qa_dir.glob("*/manifest.json"))
     manifest = write_run_manifest(out, config.config_hash())
+    report = write_run_report(out)
     sizes = sorted(out.glob("*/sizes.json"))
     store.push(
-        *pushed, *sizes, out / "sizes.json", out / "manifest.json"
+        *pushed, *sizes, out / "sizes.json", out / REPORT_DATA, report, out / "manifest.json"
     )  # the manifest last: the commit point
     return manifest

@@ -91,6 +91,25 @@ class DuplicateFace(Record):
         description="exact: same image bytes; near: phash within max_distance"
     )
     distance: int = Field(description="phash bits between this face and its closest group member")
+    shard: int | None = Field(None, description="the face shard holding the duplicate")
+    keeper_shard: int | None = Field(None, description="the face shard holding the keeper")
+
+
+class DuplicateExample(StrictModel):
+    """One duplicate group the run report shows: its keeper and some of the faces it replaced."""
+
+    keeper: str
+    keeper_shard: int | None = None
+    duplicates: list[DuplicateFace]
+
+
+class ReportData(Record):
+    """``OUT/report.json``: what the run report draws besides the manifest's counts and a few face
+    crops: the merged per-shard profiles (``pipeline/core/profile.py``) and the duplicates."""
+
+    profile: dict = Field(description="counts by group and category, histograms by measure")
+    duplicates: dict[str, int] = Field(default_factory=dict, description="dedup reason -> faces")
+    duplicate_examples: list[DuplicateExample] = Field(default_factory=list)
 
 
 class BlockedRow(Record):
@@ -208,6 +227,8 @@ ALL_RECORDS: tuple[type[BaseModel], ...] = (
     LaionRow,
     BlockedRow,
     DuplicateFace,
+    DuplicateExample,
+    ReportData,
     DownloadStatus,
     FaceDetection,
     CropGeometry,

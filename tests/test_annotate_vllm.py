@@ -118,6 +118,13 @@ def test_annotate_command_with_production_prompt(vllm_server, faces_dir, tmp_pat
         paths = shard_paths(out, shard_id)
         assert paths["stats"].is_file()
         samples = list(iter_tar_samples(paths["tar"]))
+        # the report's per-shard profile counts each face's perceived attributes once
+        profile = json.loads(paths["stats"].read_text())["profile"]
+        genders = Counter(
+            FaceAnnotation.model_validate_json(m["json"]).attributes.perceived.gender for _, m in samples
+        )
+        assert profile["counts"]["attribute perceived.gender"] == dict(genders)
+        assert sum(profile["histograms"]["age_years"]) == len(samples)
         assert [key for key, _ in samples] == sorted(
             key for key in faces if key.startswith(f"{shard_id:05d}")
         )

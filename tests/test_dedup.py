@@ -25,7 +25,7 @@ ORIGINAL = "t1.jpg"  # six faces
 
 
 def face(key: str, sample_id: int | None, phash: int = 0) -> FaceHashes:
-    return FaceHashes(key=key, sample_id=sample_id, phash=phash, image_sha256=None, face_index=0)
+    return FaceHashes(key=key, sample_id=sample_id, phash=phash, image_sha256=None, face_index=0, shard=0)
 
 
 def test_the_keeper_is_the_lowest_sample_id_whatever_the_order_of_pairs():

@@ -141,6 +141,25 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from facemllm.pipeline.core.storage import is_remote
+    from facemllm.pipeline.publishing.report import REPORT_HTML, write_published_report, write_run_report
+
+    local = None if is_remote(args.source) else Path(args.source)
+    if local is not None and not local.is_dir():
+        print(f"facemllm report: {args.source} is not a folder", file=sys.stderr)
+        return 2
+    if local is not None and not (local / "manifest.v1.json").exists() and args.version is None:
+        if not (local / "manifest.json").is_file():
+            print(f"facemllm report: {local}/manifest.json is missing; finish the run first", file=sys.stderr)
+            return 2
+        print(write_run_report(local))
+        return 0
+    output = Path(args.output or REPORT_HTML)
+    print(write_published_report(args.source, output, args.version, _storage_options(args)))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from facemllm.evaluation.config import ModelSpec, load_eval_config
 
@@ -302,6 +321,19 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--ids", required=True, help="file with one SAMPLE_ID or source url per line")
     _add_storage_options(remove)
     remove.set_defaults(func=cmd_remove)
+
+    report = commands.add_parser(
+        "report",
+        help="rebuild the HTML report of a run or a published version",
+        description="OUT: rebuild OUT/report.json and OUT/report.html from the run's markers and "
+        "shards. DEST (a published dataset, local or any fsspec URL): write the report of its current "
+        "(or --version) version to --output, from that version's shards and published report data.",
+    )
+    report.add_argument("source", help="a run's output folder, or a published DEST")
+    report.add_argument("--version", type=int, help="a published version (default: the current one)")
+    report.add_argument("--output", help="where a DEST's report goes (default ./report.html)")
+    _add_storage_options(report)
+    report.set_defaults(func=cmd_report)
 
     train = commands.add_parser(
         "train",

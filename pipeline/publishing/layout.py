@@ -9,6 +9,7 @@ Published layout under DEST (any local folder or fsspec URL)::
     manifest.v1.json manifest.v2.json every version's PublishedManifest, immutable
     sizes.v1.json                     {url: nsamples} of every shard of version 1
     images.v1.wids.json               wids shard index of a stage in version 1 (urls relative to DEST)
+    report.v1.json                    the run's report data (profiles, duplicates): `facemllm report DEST`
     manifest.json                     the current version; written last: the commit point
 
 A version's objects are all written before its ``manifest.json``, and no object another version
@@ -38,6 +39,11 @@ def version_manifest_name(version: int) -> str:
 
 def version_sizes_name(version: int) -> str:
     return f"sizes.v{version}.json"
+
+
+def report_data_name(version: int) -> str:
+    """The run's report data (``ReportData``) as published with a version."""
+    return f"report.v{version}.json"
 
 
 def wids_index_name(stage: str, version: int) -> str:

@@ -19,8 +19,10 @@ from facemllm.pipeline.publishing.layout import (
     checked_shards,
     commit_version,
     read_manifest,
+    report_data_name,
     version_manifest_name,
 )
+from facemllm.pipeline.publishing.report import REPORT_DATA
 from facemllm.schemas import PublishedManifest, RunManifest, ShardInfo, StrictModel
 
 
@@ -92,6 +94,8 @@ def publish(out: Path, dest: str, options: StorageOptions | None = None) -> Publ
         return True
 
     uploaded = storage.parallel(shards, upload, f"publish {dest}", size_of=lambda s: s.bytes)
+    if (Path(out) / REPORT_DATA).is_file():  # counts only: the page itself is rebuilt from DEST
+        storage.write_bytes(report_data_name(manifest.version), (Path(out) / REPORT_DATA).read_bytes())
     commit_version(storage, manifest, {posixpath.dirname(s.url) for s in shards})
     return PublishReport(
         dest=dest,

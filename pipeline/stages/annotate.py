@@ -38,6 +38,7 @@ from facemllm.annotators.mllm_client import Answer, ChatClient, MLLMAnnotator, O
 from facemllm.annotators.request_cache import RequestCache
 from facemllm.annotators.template_annotator import TemplateAnnotator
 from facemllm.pipeline.core.manifest import shard_stage_manifest
+from facemllm.pipeline.core.profile import ProfileBuilder
 from facemllm.pipeline.core.shards import ShardWriter, completed_shards, iter_tar_samples, write_sizes
 from facemllm.pipeline.runners import RunnerConfig
 from facemllm.pipeline.stages.dedup import BESIDE_FACES, read_decisions
@@ -128,6 +129,7 @@ class AnnotateStage(ShardStage):
 
     def process_shard(self, unit: int, source: Path, writer: ShardWriter) -> UnitResult:
         statuses: list[dict] = []
+        self.profile = ProfileBuilder()  # filled by _write, one shard at a time per worker
         extra: dict = {}
         faces = iter_tar_samples(source)  # face keys are sorted; answers are written in that order
         if isinstance(self.annotator, TemplateAnnotator):
@@ -135,9 +137,10 @@ class AnnotateStage(ShardStage):
                 self._write(writer, statuses, *self._template_outcome(key, sample))
         else:
             extra = asyncio.run(self._annotate_mllm(unit, faces, writer, statuses))
-        return UnitResult(
-            summarize_annotation_statuses(unit, statuses, writer.count, self.annotator, extra), statuses
-        )
+        stats = summarize_annotation_statuses(unit, statuses, writer.count, self.annotator, extra)
+        for outcome, n in stats["status"].items():
+            self.profile.count("annotation_status", outcome, n)
+        return UnitResult({**stats, "profile": self.profile.build()}, statuses)
 
     def counters(self, stats: dict) -> dict[str, int]:
         return {
@@ -244,6 +247,7 @@ class AnnotateStage(ShardStage):
                 key,
                 {"jpg": image, "txt": answer.caption.encode(), "json": annotation.model_dump_json().encode()},
             )
+            observe_annotation(self.profile, annotation)
         usage = answer.provenance.usage if answer is not None else None
         statuses.append(
             AnnotationStatus(
@@ -270,6 +274,30 @@ class AnnotateStage(ShardStage):
         if isinstance(self.annotator, MLLMAnnotator):
             return self.annotator.prompt.version
         return self.annotator.provenance.prompt_version
+
+
+REPORTED_ATTRIBUTES = (
+    "perceived.gender",
+    "perceived.age_band",
+    "expression.basic",
+    "face.shape",
+    "head_pose.yaw",
+    "occlusion.level",
+    "quality.overall",
+    "lighting.brightness",
+)
+
+
+def observe_annotation(profile: ProfileBuilder, annotation: FaceAnnotation) -> None:
+    """A face's caption length and its categorical attributes (for the report)."""
+    profile.observe("caption_words", len(annotation.caption.split()))
+    attributes = annotation.attributes
+    if attributes is None:
+        return
+    profile.observe("age_years", attributes.perceived.age_years)
+    for path in REPORTED_ATTRIBUTES:
+        group, name = path.split(".")
+        profile.count(f"attribute {path}", str(getattr(getattr(attributes, group), name)))
 
 
 def summarize_annotation_statuses(

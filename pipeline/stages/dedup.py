@@ -73,6 +73,7 @@ class FaceHashes:
     phash: int
     image_sha256: str | None
     face_index: int
+    shard: int
 
     @property
     def rank(self) -> tuple:
@@ -98,6 +99,7 @@ def face_hashes(root: Path, unit: int) -> Iterator[FaceHashes]:
             phash=int(quality["phash"], 16),
             image_sha256=sha256.get(record["source_key"]),
             face_index=record["detection"]["face_index"],
+            shard=unit,
         )
 
 
@@ -166,8 +168,10 @@ def duplicate_rows(pairs: Iterable[tuple]) -> list[dict]:
             face = parent[face.key]
         return face
 
-    best: dict[str, tuple[str, int]] = {}
+    best: dict[str, tuple[int, int]] = {}
+    shards: dict[str, int] = {}
     for a, b, reason, distance in pairs:
+        shards[a.key], shards[b.key] = a.shard, b.shard
         ra, rb = root(a), root(b)
         if ra.key != rb.key:
             low, high = sorted((ra, rb), key=lambda f: f.rank)
@@ -182,7 +186,12 @@ def duplicate_rows(pairs: Iterable[tuple]) -> list[dict]:
             kind, distance = best[key]
             rows.append(
                 DuplicateFace(
-                    key=key, keeper=keeper.key, reason="exact" if kind == 0 else "near", distance=distance
+                    key=key,
+                    keeper=keeper.key,
+                    reason="exact" if kind == 0 else "near",
+                    distance=distance,
+                    shard=shards[key],
+                    keeper_shard=keeper.shard,
                 ).model_dump(mode="json")
             )
     return rows

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from facemllm.pipeline.core.blocklist import Blocklists, BlocklistSource
+from facemllm.pipeline.core.profile import ProfileBuilder, domain, reason
 from facemllm.pipeline.core.shards import SHARD_ID_DIGITS, repack_sorted, shard_paths
 from facemllm.pipeline.stages.framework import ShardOutputStage, UnitResult
 from facemllm.pipeline.stages.netguard import DestinationPolicy, install_guarded_opener
@@ -174,6 +175,7 @@ class DownloadStage(ShardOutputStage):
             stats = json.loads(produced["stats"].read_bytes())
             if blocked:
                 stats.update(successes=stats["successes"] - len(blocked), blocklisted=len(blocked))
+            stats["profile"] = download_profile(statuses)
             return UnitResult(stats, statuses)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -214,3 +216,20 @@ class DownloadStage(ShardOutputStage):
 
     def clean(self) -> None:
         shutil.rmtree(self.root / "images" / WORK_DIR, ignore_errors=True)
+
+
+def download_profile(statuses: pa.Table) -> dict:
+    """The report's view of one shard: every status, failures by reason and by domain, and the
+    size of each image as served."""
+    profile = ProfileBuilder()
+    for row in statuses.to_pylist():
+        profile.count("download_status", row["status"])
+        if row["status"] == "success":
+            profile.observe("image_width", row.get("original_width") or row.get("width"))
+            profile.observe("image_height", row.get("original_height") or row.get("height"))
+        elif row["status"] == "blocklisted":
+            profile.count("blocked_images_by_list", row["error_message"].removeprefix("blocklist "))
+        else:
+            profile.count("download_failure_reason", reason(row["error_message"]))
+            profile.count("download_failure_domain", domain(row["url"]))
+    return profile.build()

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from facemllm.annotators.face_config import FILTER_DROPS, FaceConfig
 from facemllm.pipeline.core.blocklist import Blocklists, BlocklistSource
+from facemllm.pipeline.core.profile import ProfileBuilder
 from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples
 from facemllm.pipeline.stages.framework import ShardStage, UnitResult
-from facemllm.schemas import FaceStatus
+from facemllm.schemas import FaceRecord, FaceStatus
 
 IMAGE_META_FIELDS = {
     "url": "url",
@@ -54,6 +55,7 @@ class FaceStage(ShardStage):
 
     def process_shard(self, unit: int, source: Path, writer: ShardWriter) -> UnitResult:
         statuses: list[dict] = []
+        profile = ProfileBuilder()
         for source_key, sample in iter_tar_samples(source):  # image keys are sorted, face keys extend them
             meta = json.loads(sample.get("json", b"{}"))
             image_meta = {field: meta.get(name) for field, name in IMAGE_META_FIELDS.items()}
@@ -67,7 +69,11 @@ class FaceStage(ShardStage):
                         "json": face.record.model_dump_json().encode(),
                     },
                 )
+                observe_face(profile, face.record)
             statuses.append(result.status.model_dump(mode="json"))
+            profile.count("face_status", result.status.status)
+            profile.observe("faces_per_image", result.status.faces_kept)
+            profile.count("blocked_faces_by_list", result.status.blocklist, result.status.dropped_blocklisted)
         counts = Counter(row["status"] for row in statuses)
         dropped = {reason: sum(row[reason] for row in statuses) for reason in DROP_REASONS}
         stats = {
@@ -77,7 +83,20 @@ class FaceStage(ShardStage):
             "status": dict(counts),
             **dropped,
         }
+        for drop, n in dropped.items():
+            profile.count("face_drops", drop.removeprefix("dropped_"), n)
+        stats["profile"] = profile.build()
         return UnitResult(stats, statuses)
 
     def counters(self, stats: dict) -> dict[str, int]:
         return {"kept": stats["faces"], **{f"images_{status}": n for status, n in stats["status"].items()}}
+
+
+def observe_face(profile: ProfileBuilder, record: FaceRecord) -> None:
+    """A kept face's size, detector score and quality measures, for the report."""
+    x1, y1, x2, y2 = record.detection.bbox
+    profile.observe("face_size_px", max(x2 - x1, y2 - y1))
+    profile.observe("detector_score", record.detection.score)
+    if record.quality is not None:
+        for measure in ("yaw", "pitch", "roll", "sharpness", "brightness", "inter_ocular_px"):
+            profile.observe(measure, getattr(record.quality, measure))

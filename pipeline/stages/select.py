@@ -27,6 +27,7 @@ from pydantic import Field
 
 from facemllm.pipeline.core.blocklist import Blocklists, BlocklistSource
 from facemllm.pipeline.core.files import write_parquet_atomic
+from facemllm.pipeline.core.profile import ProfileBuilder
 from facemllm.pipeline.core.storage import is_remote, open_url, url_to_fs
 from facemllm.pipeline.stages.framework import Stage, UnitResult
 from facemllm.schemas import BlockedRow, LaionRow, StrictModel
@@ -243,10 +244,11 @@ class SelectStage(Stage):
             shard_id = unit * self.config.max_shards_per_input + chunk_index
             write_parquet_atomic(url_shard_path(self.urls_dir, shard_id), rows, URL_SHARD_SCHEMA)
             shard_ids.append(shard_id)
-        return UnitResult(
-            {"input": str(path), "input_index": unit, "shards": shard_ids, "counts": dict(counts)},
-            self.blocked,
-        )
+        profile = ProfileBuilder()
+        for row in self.blocked:
+            profile.count("blocked_rows_by_list", row["blocklist"])
+        stats = {"input": str(path), "input_index": unit, "shards": shard_ids, "counts": dict(counts)}
+        return UnitResult({**stats, "profile": profile.build()}, self.blocked)
 
     def counters(self, stats: dict) -> dict[str, int]:
         return stats["counts"]
