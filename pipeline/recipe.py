@@ -376,7 +376,10 @@ class Recipe:
         results_dir = self.out / "eval"
         if not (results_dir / OURS).is_dir():
             return []
-        return [*summary_lines(load_results(results_dir)), f"report: {results_dir / OURS / 'report.html'}"]
+        return [
+            *summary_lines(load_results(results_dir)),
+            f"evaluation report: {results_dir / OURS / 'report.html'}",
+        ]
 
     # -- deciding and running ----------------------------------------------------------------------
 

@@ -14,18 +14,18 @@ manifests last.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import apache_beam as beam
 
 from facemllm.pipeline.config import RunConfig
+from facemllm.pipeline.core.console import BEAM_LOG, chatter_to_log
 from facemllm.pipeline.core.manifest import SHARD_STAGES, write_run_manifest
 from facemllm.pipeline.core.progress import ProgressMonitor
 from facemllm.pipeline.core.shards import completed_shards, shard_paths
 from facemllm.pipeline.core.storage import RunStore, url_to_fs
 from facemllm.pipeline.publishing.report import REPORT_DATA, write_run_report
-from facemllm.pipeline.runners import make_runner, pipeline_options
+from facemllm.pipeline.runners import beam_pipeline
 from facemllm.pipeline.stages.annotate import AnnotateStage, check_annotate_config
 from facemllm.pipeline.stages.dedup import apply_dedup
 from facemllm.pipeline.stages.download import DownloadStage, bound_decoder_pixels
@@ -117,7 +117,8 @@ def run(config: RunConfig, progress: bool = True):
     """Run the configured stages to completion, then write the manifests; returns the run manifest.
 
     Progress, read from the completion markers, goes to ``OUT/logs/progress.jsonl`` and, when
-    ``progress`` and the console is a terminal, to a live table."""
+    ``progress`` and the console is a terminal, to a live table; what Beam and its workers write
+    to standard error goes to ``OUT/logs/beam.log``."""
     check_inputs(config)
     bound_decoder_pixels(config.download.max_image_pixels)  # before any import of cv2; workers inherit it
     store = RunStore(config.out)
@@ -128,8 +129,9 @@ def run(config: RunConfig, progress: bool = True):
     sync_completed(store)  # a resumed run sees what the store already holds
     inputs = len(stages["select"].metadata_files) if "select" in stages else 0
     with (
-        ProgressMonitor(config.out, list(stages), inputs, console=progress and sys.stderr.isatty()),
-        beam.Pipeline(runner=make_runner(config.runner), options=pipeline_options(config.runner)) as pipeline,
+        chatter_to_log(out / BEAM_LOG) as console,
+        ProgressMonitor(config.out, list(stages), inputs, console if progress and console.isatty() else None),
+        beam_pipeline(config.runner) as pipeline,
     ):
         build(pipeline, config, stages)
     clean_run(stages.values(), run_folder=out)

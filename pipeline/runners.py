@@ -1,12 +1,18 @@
-"""Beam runner selection from ``RunnerConfig``.
+"""Beam runner selection from ``RunnerConfig``, and the pipeline every command runs in.
 
 The local default is the FnApiRunner itself (what the DirectRunner delegates to), chosen
 explicitly: since Beam 2.68 ``DirectRunner`` first tries Prism, which downloads a binary and fails
-offline. Everything else goes through Beam's own runners with standard pipeline options.
+offline. ``dask`` is Beam's DaskRunner on a ``dask.distributed`` cluster: an existing scheduler
+(``dask_address``: any deployment, dask-kubernetes, dask-jobqueue on SLURM, a hand-started
+``dask scheduler`` and ``dask worker``s) or, without one, a local cluster of ``dask_workers``
+processes started for the run. Everything else goes through Beam's own runners with standard
+pipeline options.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -17,9 +23,14 @@ from facemllm.schemas import StrictModel
 class RunnerConfig(StrictModel):
     """Which Beam runner executes the stages; see README for Dataflow, Flink and Spark."""
 
-    runner: Literal["direct", "portable", "dataflow", "flink", "spark"] = "direct"
+    runner: Literal["direct", "dask", "portable", "dataflow", "flink", "spark"] = "direct"
     direct_num_workers: int = Field(2, ge=0, description="0 = one per core")
     direct_running_mode: Literal["in_memory", "multi_threading", "multi_processing"] = "multi_processing"
+    dask_address: str | None = Field(
+        None, description="dask scheduler to run on (tcp://host:8786); None: a local cluster for the run"
+    )
+    dask_workers: int = Field(2, ge=1, description="worker processes of the local dask cluster")
+    dask_threads_per_worker: int = Field(1, ge=1, description="threads per local dask worker process")
     job_endpoint: str | None = Field(None, description="portable/flink/spark job service host:port")
     environment_type: str | None = Field(None, description="LOOPBACK, EXTERNAL, PROCESS or DOCKER")
     environment_config: str | None = None
@@ -54,6 +65,9 @@ def pipeline_options(config: RunnerConfig):
             f"--direct_num_workers={config.direct_num_workers}",
             f"--direct_running_mode={config.direct_running_mode}",
         ]
+    elif config.runner == "dask":
+        if config.dask_address:
+            args.append(f"--dask_client_address={config.dask_address}")
     else:
         args.append(f"--runner={RUNNER_NAMES[config.runner]}")
         if config.job_endpoint:
@@ -71,4 +85,40 @@ def make_runner(config: RunnerConfig):
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
         return FnApiRunner()
+    if config.runner == "dask":
+        from apache_beam.runners.dask.dask_runner import DaskRunner
+
+        return DaskRunner()
     return None
+
+
+@contextmanager
+def local_dask_cluster(config: RunnerConfig) -> Iterator[RunnerConfig]:
+    """``config`` pointed at a running scheduler: its own, or a local cluster of worker processes
+    on 127.0.0.1 started here and closed on exit (workers restart when killed: the nanny)."""
+    if config.runner != "dask" or config.dask_address:
+        yield config
+        return
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=config.dask_workers,
+        threads_per_worker=config.dask_threads_per_worker,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+    ) as cluster:
+        yield config.model_copy(update={"dask_address": cluster.scheduler_address})
+
+
+@contextmanager
+def beam_pipeline(config: RunnerConfig):
+    """The Beam pipeline on the configured runner (a local dask cluster for its lifetime when
+    asked for); leaving the block runs it to completion."""
+    import apache_beam as beam
+
+    with (
+        local_dask_cluster(config) as resolved,
+        beam.Pipeline(runner=make_runner(resolved), options=pipeline_options(resolved)) as pipeline,
+    ):
+        yield pipeline

@@ -6,6 +6,7 @@ plus a rescaled and a recompressed copy of one photo (near copies) and unrelated
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 from pathlib import Path
@@ -18,7 +19,15 @@ from facemllm.pipeline.demo.run import demo_config
 from facemllm.pipeline.demo.sample import build_demo_sample, package_photos
 from facemllm.pipeline.demo.server import SampleServer
 from facemllm.pipeline.run import run
-from facemllm.pipeline.stages.dedup import DECISIONS, FaceHashes, duplicate_rows
+from facemllm.pipeline.stages.dedup import (
+    DECISIONS,
+    DedupConfig,
+    FaceHashes,
+    Keepers,
+    bucket_keys,
+    close_pairs,
+    duplicate_rows,
+)
 
 pytestmark = pytest.mark.slow
 ORIGINAL = "t1.jpg"  # six faces
@@ -40,6 +49,59 @@ def test_the_keeper_is_the_lowest_sample_id_whatever_the_order_of_pairs():
         ("k3", "k1", "near"),
         ("k4", "k1", "exact"),  # the same SAMPLE_ID: the lower key keeps
     ]
+
+
+def all_pairs_reference(faces: list[FaceHashes], config: DedupConfig) -> list[dict]:
+    """Every pair of every bucket, the quadratic way: what the links must reproduce."""
+    buckets: dict = {}
+    for f in faces:
+        for bucket in bucket_keys(f, config.bands):
+            buckets.setdefault(bucket, set()).add(f)
+    pairs = []
+    for bucket, members in buckets.items():
+        for a, b in itertools.combinations(sorted(members, key=lambda f: f.key), 2):
+            if bucket[0] == "sha256":
+                pairs.append((a, b, "exact", 0))
+            elif (distance := (a.phash ^ b.phash).bit_count()) <= config.max_distance:
+                pairs.append((a, b, "near", distance))
+    return duplicate_rows(pairs)
+
+
+def test_links_give_the_groups_of_all_pairs_in_linear_links_per_copy():
+    """A photo under many urls: as many links as copies (not their square), and the same
+    duplicates, keepers, reasons and distances as comparing every pair of every bucket."""
+    rng = random.Random(7)
+    config = DedupConfig()
+    photos = [rng.getrandbits(64) for _ in range(6)]
+    faces = []
+    for copy in range(60):
+        for index, phash in enumerate(photos):
+            near = phash ^ (1 << rng.randrange(64)) if copy % 7 == 3 else phash  # some recompressed
+            faces.append(
+                FaceHashes(
+                    key=f"{copy:03d}{index}_00",
+                    sample_id=rng.randrange(10**6),
+                    phash=near,
+                    image_sha256=f"sha-{index}" if copy % 2 else None,
+                    face_index=0,
+                    shard=copy // 10,
+                )
+            )
+    buckets: dict = {}
+    for f in faces:
+        for bucket in bucket_keys(f, config.bands):
+            buckets.setdefault(bucket, []).append(f)
+    keepers = Keepers()
+    accumulator = keepers.create_accumulator()
+    links = 0
+    for bucket, members in buckets.items():
+        for link in close_pairs(bucket, members, config):
+            accumulator = keepers.add_input(accumulator, link)
+            links += 1
+    assert links < 20 * len(faces)  # all pairs would be about 9 x 60 x 59 / 2 per photo
+    rows = keepers.extract_output(keepers.merge_accumulators([accumulator, keepers.create_accumulator()]))
+    assert rows == all_pairs_reference(faces, config)
+    assert len({row["keeper"] for row in rows}) == len(photos) and len(rows) == len(faces) - len(photos)
 
 
 @pytest.fixture(scope="module")

@@ -49,19 +49,35 @@ def start_run(config_path: Path) -> subprocess.Popen:
 
 
 def finish_run(config_path: Path) -> RunManifest:
+    return finish_run_with_output(config_path)[0]
+
+
+def finish_run_with_output(config_path: Path) -> tuple[RunManifest, str]:
     process = start_run(config_path)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output
-    return RunManifest.model_validate_json(
-        (Path(yaml.safe_load(config_path.read_text())["out"]) / "manifest.json").read_text()
-    )
+    manifest_path = Path(yaml.safe_load(config_path.read_text())["out"]) / "manifest.json"
+    return RunManifest.model_validate_json(manifest_path.read_text()), output
 
 
 @pytest.fixture(scope="module")
-def reference(served_sample, tmp_path_factory):
+def reference_run(served_sample, tmp_path_factory) -> tuple[Path, RunManifest, str]:
     _, sample = served_sample
     out = tmp_path_factory.mktemp("reference") / "out"
-    return out, finish_run(write_config(sample, out))
+    return out, *finish_run_with_output(write_config(sample, out))
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> tuple[Path, RunManifest]:
+    return reference_run[0], reference_run[1]
+
+
+def test_beam_chatter_goes_to_the_run_log_not_the_console(reference_run):
+    out, _, console = reference_run
+    log = (out / "logs" / "beam.log").read_text()
+    assert "INFO:apache_beam" in log  # the harnesses' start-up lines, written by worker processes
+    assert "INFO:apache_beam" not in console and "apitools" not in console
+    assert "facemllm run summary" in console  # what a person reads stays
 
 
 def status_rows(out: Path, stage: str) -> list[dict]:

@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from facemllm.pipeline.core.storage import RunStore
 from facemllm.schemas.annotation import REQUEST_FAILURES
@@ -61,10 +62,15 @@ class StageProgress:
 
 
 class ProgressMonitor:
-    """``with ProgressMonitor(out, stages, totals, console=True): run...``."""
+    """``with ProgressMonitor(out, stages, totals, console=stream): run...`` (no table without a stream)."""
 
     def __init__(
-        self, out: str, stages: list[str], total_inputs: int, console: bool = True, interval_s: float = 1.0
+        self,
+        out: str,
+        stages: list[str],
+        total_inputs: int,
+        console: TextIO | None = None,
+        interval_s: float = 1.0,
     ):
         self.store = RunStore(out)
         self.stages = [s for s in stages if s in MARKERS]
@@ -95,10 +101,13 @@ class ProgressMonitor:
 
     def _loop(self) -> None:
         live = None
-        if self.console:
+        if self.console is not None:
+            from rich.console import Console
             from rich.live import Live
 
-            live = Live(self.table(), refresh_per_second=2, transient=True)
+            live = Live(
+                self.table(), refresh_per_second=2, transient=True, console=Console(file=self.console)
+            )
             live.start()
         try:
             while not self._stop.wait(self.interval_s):

@@ -139,4 +139,5 @@ def run_demo(out: Path, overrides: list[str] = ()) -> int:
         f"steps run: {', '.join(ran) or 'none (all were done)'}; the model the recipe trained, scored:"
     )
     print("\n".join(recipe.evaluation_summary()))
+    print(f"dataset report: {recipe.laion / 'report.html'}")
     return 1 if mismatches else 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import heapq
 import html
 import io
 import posixpath
@@ -117,19 +118,25 @@ class ShardReader:
 
     def contact_sheet(self) -> list[tuple[str, bytes, str]]:
         """(key, crop, caption) of up to 48 faces: shards in a hashed order, up to 12 faces of
-        each (the lowest hashes of their keys); captions from the annotations when there are any."""
+        each (the lowest hashes of their keys), topped up from the shards read when they run out;
+        captions from the annotations when there are any."""
         stage = "annotations" if self.urls("annotations") else "faces"
-        faces: list[tuple[str, bytes, str]] = []
+        taken: list[tuple[str, bytes, str]] = []
+        left: list[tuple[str, bytes, str]] = []
         for url in sorted(self.urls(stage), key=_rank):
-            chosen = []
-            for key, sample in self.samples(url):
-                if "jpg" in sample:
-                    chosen.append((_rank(key), key, sample))
-            for _, key, sample in sorted(chosen)[:PER_SHARD]:
-                faces.append((key, sample["jpg"], _caption(stage, sample)))
-            if len(faces) >= CONTACT_SHEET:
+            faces = heapq.nsmallest(  # holds 48 faces of a shard at a time, never the whole shard
+                CONTACT_SHEET,
+                (
+                    (_rank(key), key, sample["jpg"], _caption(stage, sample))
+                    for key, sample in self.samples(url)
+                    if "jpg" in sample
+                ),
+            )
+            taken += [face[1:] for face in faces[:PER_SHARD]]
+            left += [face[1:] for face in faces[PER_SHARD:]]
+            if len(taken) >= CONTACT_SHEET:
                 break
-        return faces[:CONTACT_SHEET]
+        return (taken + left)[:CONTACT_SHEET]
 
     def face_crops(self, wanted: dict[int, set[str]]) -> dict[str, bytes]:
         """key -> aligned crop, for the keys wanted from each face shard (those in this version)."""
@@ -159,7 +166,7 @@ def _png(figure) -> str:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=80)
     plt.close(figure)
     return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
@@ -183,7 +190,7 @@ def _bars(items: list[tuple[str, int]], title: str) -> str:
     import matplotlib.pyplot as plt
 
     items = items[::-1]
-    figure, axes = plt.subplots(figsize=(7, 0.3 * len(items) + 0.8))
+    figure, axes = plt.subplots(figsize=(8, 0.3 * len(items) + 0.8), layout="constrained")
     axes.barh([label[:60] for label, _ in items], [n for _, n in items], color="#4c72b0")
     for y, (_, n) in enumerate(items):
         axes.text(n, y, f" {n:,}", va="center", fontsize=8)
@@ -201,7 +208,7 @@ def _histograms(histograms: dict[str, list[int]]) -> str:
     measures = [m for m in MEASURES if m in histograms]
     columns = 3
     rows = -(-len(measures) // columns)
-    figure, grid = plt.subplots(rows, columns, figsize=(12, 2.6 * rows), squeeze=False)
+    figure, grid = plt.subplots(rows, columns, figsize=(12, 2.6 * rows), squeeze=False, layout="constrained")
     for axes in grid.flat[len(measures) :]:
         axes.set_visible(False)
     for axes, measure in zip(grid.flat, measures, strict=False):
@@ -210,7 +217,6 @@ def _histograms(histograms: dict[str, list[int]]) -> str:
         if MEASURES[measure].log:
             axes.set_xscale("log")
         axes.set_title(f"{MEASURES[measure].title} (n={sum(histograms[measure]):,})", fontsize=9)
-    figure.tight_layout()
     return _png(figure)
 
 

@@ -115,47 +115,66 @@ def bucket_keys(face: FaceHashes, bands: int) -> Iterator[tuple]:
 
 
 def close_pairs(bucket: tuple, faces: Iterable[FaceHashes], config: DedupConfig) -> Iterator[tuple]:
-    """``(face, face, reason, distance)`` for the duplicate pairs of one bucket."""
-    faces = sorted(set(faces), key=lambda f: f.key)
+    """``(face, face, reason, distance)`` links of one bucket, enough to connect every group in it:
+    a star (each face to the bucket's lowest rank) for faces with the same image bytes or the same
+    phash, and every near pair between distinct phashes. A photo served under n urls gives n - 1
+    links, not n(n - 1)/2: the groups, their keepers and each face's closest link are the same."""
+    faces = sorted(set(faces), key=lambda f: f.rank)
     if bucket[0] == "sha256":
-        for a, b in itertools.combinations(faces, 2):
-            yield a, b, "exact", 0
+        for face in faces[1:]:
+            yield faces[0], face, "exact", 0
         return
-    if len(faces) > config.max_bucket:  # a crowded band value: only identical hashes pair up
+    by_hash: dict[int, list[FaceHashes]] = {}
+    for face in faces:
+        by_hash.setdefault(face.phash, []).append(face)
+    heads = []
+    for same in by_hash.values():
+        heads.append(same[0])
+        for face in same[1:]:
+            yield same[0], face, "near", 0
+    if len(heads) > config.max_bucket:  # a crowded band value: only identical hashes pair up
         log.warning(
-            "dedup bucket %s holds %d faces (> dedup.max_bucket): near pairs in it are found only "
-            "when identical; more faces than this run's bands suit: use fewer, wider bands",
+            "dedup bucket %s holds %d distinct phashes (> dedup.max_bucket): near pairs in it are "
+            "found only when identical; more faces than this run's bands suit: use fewer, wider bands",
             bucket[:2],
-            len(faces),
+            len(heads),
         )
-        by_hash: dict[int, list[FaceHashes]] = {}
-        for face in faces:
-            by_hash.setdefault(face.phash, []).append(face)
-        groups = [list(itertools.combinations(group, 2)) for group in by_hash.values()]
-        pairs = itertools.chain.from_iterable(groups)
-    else:
-        pairs = itertools.combinations(faces, 2)
-    for a, b in pairs:
+        return
+    for a, b in itertools.combinations(heads, 2):
         distance = (a.phash ^ b.phash).bit_count()
         if distance <= config.max_distance:
             yield a, b, "near", distance
 
 
 class Keepers(beam.CombineFn):
-    """Duplicate pairs -> one ``DuplicateFace`` per face that is not its group's keeper."""
+    """Links -> one ``DuplicateFace`` per face that is not its group's keeper. The accumulator
+    holds each linked pair once (a pair met in several buckets is kept with its closest link)."""
 
-    def create_accumulator(self) -> list:
-        return []
+    def create_accumulator(self) -> dict:
+        return {}
 
-    def add_input(self, pairs: list, pair: tuple) -> list:
-        pairs.append(pair)
-        return pairs
+    def add_input(self, links: dict, link: tuple) -> dict:
+        a, b = link[0], link[1]
+        pair = (a.key, b.key) if a.key < b.key else (b.key, a.key)
+        known = links.get(pair)
+        if known is None or _strength(link) < _strength(known):
+            links[pair] = link
+        return links
 
-    def merge_accumulators(self, accumulators: Iterable[list]) -> list:
-        return [pair for pairs in accumulators for pair in pairs]
+    def merge_accumulators(self, accumulators: Iterable[dict]) -> dict:
+        merged: dict = {}
+        for links in accumulators:
+            for link in links.values():
+                self.add_input(merged, link)
+        return merged
 
-    def extract_output(self, pairs: list) -> list[dict]:
-        return duplicate_rows(pairs)
+    def extract_output(self, links: dict) -> list[dict]:
+        return duplicate_rows(links.values())
+
+
+def _strength(link: tuple) -> tuple[int, int]:
+    """Lower is closer: exact before near, then fewer phash bits."""
+    return (0 if link[2] == "exact" else 1, link[3])
 
 
 def duplicate_rows(pairs: Iterable[tuple]) -> list[dict]:
@@ -170,15 +189,15 @@ def duplicate_rows(pairs: Iterable[tuple]) -> list[dict]:
 
     best: dict[str, tuple[int, int]] = {}
     shards: dict[str, int] = {}
-    for a, b, reason, distance in pairs:
+    for link in pairs:
+        a, b = link[0], link[1]
         shards[a.key], shards[b.key] = a.shard, b.shard
         ra, rb = root(a), root(b)
         if ra.key != rb.key:
             low, high = sorted((ra, rb), key=lambda f: f.rank)
             parent[high.key] = low
         for face in (a, b):
-            link = (0 if reason == "exact" else 1, distance)
-            best[face.key] = min(best.get(face.key, link), link)
+            best[face.key] = min(best.get(face.key, _strength(link)), _strength(link))
     rows = []
     for key in sorted(parent):
         keeper = root(parent[key])

@@ -35,7 +35,7 @@ from pydantic_core import from_json
 from facemllm.pipeline.core.files import remove_stale_temporaries, write_json_atomic, write_parquet_atomic
 from facemllm.pipeline.core.shards import ShardWriter, shard_paths
 from facemllm.pipeline.core.storage import RunStore
-from facemllm.pipeline.runners import IN_PROCESS_WORKER, RunnerConfig, make_runner, pipeline_options
+from facemllm.pipeline.runners import IN_PROCESS_WORKER, RunnerConfig, beam_pipeline
 from facemllm.schemas.tables import arrow_schema
 
 METRICS_NAMESPACE = "facemllm"
@@ -280,6 +280,6 @@ def run_stage(stage: Stage, units: Iterable[int], out: str, runner: RunnerConfig
     """One stage over ``units`` on the configured Beam runner (the single-stage commands)."""
     root = RunStore(out).local
     clean_run([stage.bind(root)])  # what killed workers of an earlier run left
-    with beam.Pipeline(runner=make_runner(runner), options=pipeline_options(runner)) as pipeline:
+    with beam_pipeline(runner) as pipeline:
         apply_stage(pipeline | f"{label}Units" >> beam.Create(list(units)), label, stage, out)
     clean_run([stage])

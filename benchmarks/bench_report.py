@@ -1,0 +1,207 @@
+"""The run report and the dedup as a share of a whole run, and dedup throughput against a bare loop.
+
+    python -m benchmarks.bench_report [--rows 400] [--workers 2]
+
+A synthetic LAION slice in the real schema, served from loopback by the demo's sample server:
+``--rows`` rows whose urls point at the package photos (each photo under many urls, so exact
+duplicates abound) plus the fault routes, every row in the id list. The whole run (select ->
+download -> faces -> dedup -> annotate (template) -> LAION-Face QA -> manifest -> report) runs in
+its own child process on the direct runner with ``--workers`` processes.
+
+Then, on that run's output, each in its own child process:
+- the report: ``write_run_report`` (merge every marker's profile, read the contact sheet's and the
+  duplicate groups' shards, draw the plots);
+- the dedup: every face shard's hashes read (``face_hashes``), bucketed, paired and grouped
+  (``close_pairs``, ``duplicate_rows``) on one core, the work the pipeline spreads over workers;
+- the anchor: a bare loop reading the same face shards and computing the same perceptual hashes
+  of the aligned crops with ``imagehash.phash``.
+
+Share = (report + dedup) / whole run; the goal is at most 5%. These are one-core times of work
+the run does in parallel, so the share is an upper bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+from benchmarks._common import DEFAULT_OUT, machine_info, print_table, run_isolated, write_result
+
+
+def build_slice(folder: Path, base_url: str, photos: dict[str, Path], rows: int) -> tuple[Path, Path]:
+    """A metadata parquet of ``rows`` rows (photos under many urls, the fault routes) and its id list."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from facemllm.pipeline.demo.sample import ALT_TEXTS
+    from facemllm.pipeline.demo.server import FAULT_ROUTES, PHOTO_PREFIX
+
+    names = sorted(photos)
+    urls = [f"{base_url}{route}" for route in FAULT_ROUTES]
+    urls += [
+        f"{base_url}{PHOTO_PREFIX}{quote(names[i % len(names)])}?copy={i // len(names)}"
+        for i in range(rows - len(urls))
+    ]
+    ids = [1_630_000_000 + 7 * i for i in range(len(urls))]
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pa.table(
+        {
+            "SAMPLE_ID": ids,
+            "URL": urls,
+            "TEXT": [ALT_TEXTS.get(url.rsplit("/", 1)[-1].split("?")[0], "a photo") for url in urls],
+            "HEIGHT": [512] * len(urls),
+            "WIDTH": [512] * len(urls),
+            "LICENSE": ["?"] * len(urls),
+            "NSFW": ["UNLIKELY"] * len(urls),
+            "similarity": [0.33] * len(urls),
+        }
+    )
+    metadata = folder / "part-00000.parquet"
+    pq.write_table(table, metadata)
+    id_list = folder / "ids.txt"
+    id_list.write_text("".join(f"{i}\n" for i in ids))
+    return metadata, id_list
+
+
+def whole_run(out: str, metadata: str, ids: str, workers: int) -> dict:
+    import json
+
+    from facemllm.pipeline.config import load_config
+    from facemllm.pipeline.demo.run import DEMO_CONFIG
+    from facemllm.pipeline.run import run
+
+    config = load_config(
+        DEMO_CONFIG,
+        [
+            f"out={json.dumps(out)}",
+            f"select.metadata={json.dumps([metadata])}",
+            f"select.ids={json.dumps(ids)}",
+            "stages=[select, download, faces, annotate, laion_face_qa]",
+            "select.samples_per_shard=50",
+            f"runner.direct_num_workers={workers}",
+        ],
+    )
+    started = time.perf_counter()
+    manifest = run(config, progress=False)
+    return {
+        "seconds": time.perf_counter() - started,
+        "faces": manifest.stages["faces"].counts.get("samples", 0),
+    }
+
+
+def report_only(out: str) -> dict:
+    from facemllm.pipeline.publishing.report import write_run_report
+
+    started = time.perf_counter()
+    write_run_report(Path(out))
+    return {"seconds": time.perf_counter() - started}
+
+
+def dedup_only(out: str) -> dict:
+    from facemllm.pipeline.core.shards import completed_shards
+    from facemllm.pipeline.stages.dedup import (
+        DedupConfig,
+        bucket_keys,
+        close_pairs,
+        duplicate_rows,
+        face_hashes,
+    )
+
+    config = DedupConfig()
+    started = time.perf_counter()
+    buckets: dict[tuple, list] = {}
+    faces = 0
+    for unit in completed_shards(Path(out) / "faces"):
+        for face in face_hashes(Path(out), unit):
+            faces += 1
+            for bucket in bucket_keys(face, config.bands):
+                buckets.setdefault(bucket, []).append(face)
+    pairs = [pair for bucket, members in buckets.items() for pair in close_pairs(bucket, members, config)]
+    rows = duplicate_rows(pairs)
+    return {"seconds": time.perf_counter() - started, "faces": faces, "duplicates": len(rows)}
+
+
+def bare_phash(out: str) -> dict:
+    import io
+
+    import imagehash
+    from PIL import Image
+
+    from facemllm.pipeline.core.shards import iter_tar_samples
+
+    started = time.perf_counter()
+    hashes = 0
+    for tar in sorted((Path(out) / "faces").glob("*.tar")):
+        for _, sample in iter_tar_samples(tar):
+            with Image.open(io.BytesIO(sample["aligned.jpg"])) as crop:
+                imagehash.phash(crop)
+            hashes += 1
+    return {"seconds": time.perf_counter() - started, "faces": hashes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=400)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/facemllm-bench-report"))
+    parser.add_argument("--results", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+
+    import shutil
+
+    from facemllm.annotators.model_store import ensure_scrfd_package
+    from facemllm.pipeline.demo.sample import package_photos
+    from facemllm.pipeline.demo.server import SampleServer
+
+    shutil.rmtree(args.work, ignore_errors=True)
+    photos = package_photos(ensure_scrfd_package())
+    with SampleServer(photos, latency_s=0.02) as server:
+        metadata, ids = build_slice(args.work / "input", server.base_url, photos, args.rows)
+        out = str(args.work / "run")
+        run = run_isolated(whole_run, out=out, metadata=str(metadata), ids=str(ids), workers=args.workers)
+    report = run_isolated(report_only, out=out)
+    dedup = run_isolated(dedup_only, out=out)
+    anchor = run_isolated(bare_phash, out=out)
+    share = (report["seconds"] + dedup["seconds"]) / run["seconds"]
+    rows = [
+        ("whole run", f"{run['seconds']:.1f}", f"{run['faces']:,} faces", ""),
+        ("report", f"{report['seconds']:.2f}", "", f"{report['seconds'] / run['seconds']:.1%}"),
+        (
+            "dedup (one core)",
+            f"{dedup['seconds']:.2f}",
+            f"{dedup['faces'] / dedup['seconds']:,.0f} faces/s",
+            f"{dedup['seconds'] / run['seconds']:.1%}",
+        ),
+        (
+            "bare phash loop",
+            f"{anchor['seconds']:.2f}",
+            f"{anchor['faces'] / anchor['seconds']:,.0f} faces/s",
+            "",
+        ),
+    ]
+    print_table(("part", "seconds", "throughput", "share of the run"), rows)
+    ratio = anchor["seconds"] / dedup["seconds"]
+    print(
+        f"report + dedup: {share:.1%} of the run (goal at most 5%); dedup throughput {ratio:.2f}x the bare phash loop"
+    )
+    write_result(
+        args.results,
+        "report",
+        {
+            "machine": machine_info(),
+            "rows": args.rows,
+            "workers": args.workers,
+            "run": run,
+            "report": report,
+            "dedup": dedup,
+            "bare_phash": anchor,
+            "share": share,
+            "dedup_vs_bare": ratio,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
