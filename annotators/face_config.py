@@ -5,6 +5,7 @@ once, when cv2 is imported)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
@@ -68,6 +69,12 @@ class FaceConfig(StrictModel):
     jpeg_quality: int = Field(95, ge=1, le=100)
     max_image_pixels: int = Field(8192 * 8192, gt=0, description="refuse larger images before decoding them")
     intra_op_threads: int = Field(1, gt=0, description="onnxruntime threads per detector")
+    providers: list[str] | Literal["auto"] = Field(
+        "auto",
+        description="onnxruntime execution providers in order of preference; auto: CUDA when this "
+        "onnxruntime has it (onnxruntime-gpu), else CPU. A provider named here that the installed "
+        "onnxruntime lacks is an error, never a silent fall back to CPU",
+    )
     quality: QualityFilters = QualityFilters()
 
     @field_validator("det_size")

@@ -102,16 +102,35 @@ def _detector_model_path(config: FaceConfig) -> Path:
     return path
 
 
+AUTO_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def execution_providers(config: FaceConfig) -> list[str]:
+    """``faces.providers`` resolved against what the installed onnxruntime can run."""
+    available = onnxruntime.get_available_providers()
+    if config.providers == "auto":
+        return [p for p in AUTO_PROVIDERS if p in available]
+    missing = [p for p in config.providers if p not in available]
+    if missing or not config.providers:
+        raise ValueError(
+            f"faces.providers {config.providers}: this onnxruntime has only {available} "
+            "(CUDAExecutionProvider needs the onnxruntime-gpu package and a GPU)"
+        )
+    return list(config.providers)
+
+
 def _load_detector(config: FaceConfig) -> SCRFD:
     """Load through ``model_zoo.get_model`` with a file path, which never downloads anything."""
     path = _detector_model_path(config)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = config.intra_op_threads
     options.inter_op_num_threads = 1
-    detector = get_model(str(path), providers=["CPUExecutionProvider"], sess_options=options)
+    providers = execution_providers(config)
+    detector = get_model(str(path), providers=providers, sess_options=options)
     if not isinstance(detector, SCRFD) or not detector.use_kps:
         raise ValueError(f"{path} is not an SCRFD face detector with landmarks (needed for alignment)")
-    detector.prepare(ctx_id=-1, input_size=(config.det_size, config.det_size), det_thresh=config.det_thresh)
+    gpu = 0 if "CUDAExecutionProvider" in providers else -1  # insightface: -1 forces the CPU provider
+    detector.prepare(ctx_id=gpu, input_size=(config.det_size, config.det_size), det_thresh=config.det_thresh)
     return detector
 
 

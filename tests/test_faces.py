@@ -16,7 +16,14 @@ from PIL import Image
 from pydantic import ValidationError
 
 from benchmarks._common import peak_rss_mb, reset_peak_rss
-from facemllm.annotators.faces import FaceConfig, FaceCropper, FaceResult, decode_image, detect_paths
+from facemllm.annotators.faces import (
+    FaceConfig,
+    FaceCropper,
+    FaceResult,
+    decode_image,
+    detect_paths,
+    execution_providers,
+)
 from facemllm.annotators.model_store import (
     COMPLETE_MARKER,
     SCRFD_MODEL_SHA256,
@@ -339,3 +346,23 @@ def test_quality_filters_drop_and_count_by_reason(solvay: bytes, solvay_all: Fac
     assert status.dropped_pose == sum(y > bound for y in yaws) > 0
     assert status.faces_kept + status.dropped_pose == solvay_all.status.faces_kept
     assert status.dropped_blurry == status.dropped_exposure == status.dropped_eyes_close == 0
+
+
+def test_execution_providers_resolve_or_fail_loudly(cropper: FaceCropper, solvay: bytes):
+    """``faces.providers``: auto takes CUDA only where onnxruntime has it (here: the CPU); an explicit
+    provider this onnxruntime lacks is an error naming what it has, never a silent CPU run."""
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    assert execution_providers(FaceConfig()) == [
+        p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available
+    ]
+    assert cropper.detector.session.get_providers() == execution_providers(FaceConfig())
+    explicit = FaceCropper(FaceConfig(providers=["CPUExecutionProvider"]))
+    assert explicit.detector.session.get_providers() == ["CPUExecutionProvider"]
+    assert [f.record.detection.bbox for f in explicit.process(solvay, "s", {}).faces] == [
+        f.record.detection.bbox for f in cropper.process(solvay, "s", {}).faces
+    ]
+    if "CUDAExecutionProvider" not in available:
+        with pytest.raises(ValueError, match="CUDAExecutionProvider needs the onnxruntime-gpu"):
+            FaceCropper(FaceConfig(providers=["CUDAExecutionProvider", "CPUExecutionProvider"]))

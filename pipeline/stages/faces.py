@@ -82,6 +82,7 @@ class FaceStage(ShardStage):
             "faces": writer.count,
             "status": dict(counts),
             **dropped,
+            "providers": self.cropper.detector.session.get_providers(),  # what onnxruntime ran it on
         }
         for drop, n in dropped.items():
             profile.count("face_drops", drop.removeprefix("dropped_"), n)
