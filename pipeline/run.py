@@ -127,6 +127,8 @@ def run(config: RunConfig, progress: bool = True):
     stages = make_stages(config)
     clean_run([stage.bind(out) for stage in stages.values()], run_folder=out)
     sync_completed(store)  # a resumed run sees what the store already holds
+    if "select" in stages:
+        stages["select"].prepare(store)  # the id index, once, before any select worker
     inputs = len(stages["select"].metadata_files) if "select" in stages else 0
     with (
         chatter_to_log(out / BEAM_LOG) as console,
