@@ -31,6 +31,12 @@ class RunnerConfig(StrictModel):
     )
     dask_workers: int = Field(2, ge=1, description="worker processes of the local dask cluster")
     dask_threads_per_worker: int = Field(1, ge=1, description="threads per local dask worker process")
+    dask_partitions: int = Field(
+        8,
+        ge=1,
+        description="dask partitions each stage's units are spread over (a partition is one task; a "
+        "stage's setup, e.g. loading SCRFD, runs once per partition): a few per worker",
+    )
     job_endpoint: str | None = Field(None, description="portable/flink/spark job service host:port")
     environment_type: str | None = Field(None, description="LOOPBACK, EXTERNAL, PROCESS or DOCKER")
     environment_config: str | None = None
@@ -66,6 +72,7 @@ def pipeline_options(config: RunnerConfig):
             f"--direct_running_mode={config.direct_running_mode}",
         ]
     elif config.runner == "dask":
+        args.append(f"--dask_npartitions={config.dask_partitions}")
         if config.dask_address:
             args.append(f"--dask_client_address={config.dask_address}")
     else:
@@ -88,8 +95,26 @@ def make_runner(config: RunnerConfig):
     if config.runner == "dask":
         from apache_beam.runners.dask.dask_runner import DaskRunner
 
+        _spread_on_dask()
         return DaskRunner()
     return None
+
+
+def _spread_on_dask() -> None:
+    """Make ``beam.Reshuffle`` spread units over ``dask_partitions`` partitions on the DaskRunner.
+
+    Beam's DaskRunner turns Reshuffle into a no-op, so the units a step emits stay in the partition
+    of the unit that emitted them: a run from one metadata file ran every stage in one partition,
+    on one worker. Its translations are a table by transform class; this adds one for the
+    Reshuffle it leaves, a dask ``Bag.repartition``."""
+    from apache_beam.runners.dask import transform_evaluator
+    from apache_beam.runners.dask.overrides import _Reshuffle
+
+    class Spread(transform_evaluator.DaskBagOp):
+        def apply(self, input_bag, side_inputs=None):
+            return input_bag.repartition(npartitions=self.bag_kwargs["npartitions"])
+
+    transform_evaluator.TRANSLATIONS[_Reshuffle] = Spread
 
 
 @contextmanager
