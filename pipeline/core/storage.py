@@ -220,6 +220,14 @@ class Storage:
     def write_json(self, rel: str, obj: object) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
+    def sizes(self, pattern: str) -> dict[str, int]:
+        """Relative path -> size of every object matching ``pattern``, in one listing."""
+        found = self.retrying(
+            f"list {self.url(pattern)}", lambda: self.fs.glob(self.path(pattern), detail=True)
+        )
+        prefix = self.root + "/"
+        return {path.removeprefix(prefix): info["size"] for path, info in found.items()}
+
     def glob(self, pattern: str) -> list[str]:
         """Relative paths matching ``pattern`` (fsspec glob syntax), sorted."""
         found = self.retrying(f"list {self.url(pattern)}", lambda: self.fs.glob(self.path(pattern)))

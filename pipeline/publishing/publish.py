@@ -86,9 +86,12 @@ def publish(out: Path, dest: str, options: StorageOptions | None = None) -> Publ
             f"{dest} already holds another dataset (version {current.version}); publish to a new prefix"
         )
     run = Storage(out, options)  # reads go through the same path check as writes
+    folders = sorted({posixpath.dirname(s.url) for s in shards})
+    present = {rel: size for folder in folders for rel, size in storage.sizes(f"{folder}/*").items()}
 
     def upload(shard: ShardInfo) -> bool:
-        if storage.holds(shard.url, shard.bytes, shard.sha256):
+        # one listing per folder, then a HEAD only for a shard already there at the right size
+        if present.get(shard.url) == shard.bytes and storage.holds(shard.url, shard.bytes, shard.sha256):
             return False  # a resumed upload: already there
         storage.put(Path(run.path(shard.url)), shard.url, shard.sha256)  # refuses a file that changed
         return True
