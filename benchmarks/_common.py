@@ -72,11 +72,57 @@ def _child_entry(target: Callable[..., dict], kwargs: dict, conn: Any, log_path:
         conn.close()
 
 
-def run_isolated(target: Callable[..., dict], log_path: Path | None = None, **kwargs: Any) -> dict:
+class TreeMemory:
+    """Peak memory (VmHWM) of a process and of every process it starts, polled while they live:
+    a run's driver and each of its workers, whatever started them (Beam, dask, img2dataset)."""
+
+    def __init__(self, pid: int, interval_s: float = 0.2):
+        import threading
+
+        self.pid = pid
+        self.interval_s = interval_s
+        self.peaks: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self.interval_s):
+            try:
+                root = psutil.Process(self.pid)
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for process in tree:
+                try:
+                    with open(f"/proc/{process.pid}/status") as status:
+                        peak = next(
+                            int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:")
+                        )
+                    label = " ".join(process.cmdline()[1:4])[:80]
+                except (OSError, StopIteration, psutil.Error):
+                    continue
+                self.peaks[process.pid] = (label, max(peak, self.peaks.get(process.pid, ("", 0.0))[1]))
+
+    def stop(self) -> dict:
+        """{"driver_mb": the process's own peak, "workers_mb": the peaks of what it started, largest first}."""
+        self._stop.set()
+        self._thread.join()
+        driver = self.peaks.pop(self.pid, ("", 0.0))[1]
+        workers = sorted((round(peak, 1) for _, peak in self.peaks.values()), reverse=True)
+        return {"driver_mb": round(driver, 1), "workers_mb": workers}
+
+
+def run_isolated(
+    target: Callable[..., dict], log_path: Path | None = None, watch_tree: bool = False, **kwargs: Any
+) -> dict:
     """Run ``target(**kwargs)`` in a fresh spawned (non-daemonic) process and return its result dict.
 
     ``target`` must be a module-level function. Non-daemonic so that img2dataset may start its own
     process pool inside it. ``log_path``: where the child's stdout and stderr go (default: inherited).
+    ``watch_tree``: add ``memory``, the peaks of the child and of every process it starts (``TreeMemory``).
     """
     ctx = multiprocessing.get_context("spawn")
     parent_conn, child_conn = ctx.Pipe(duplex=False)
@@ -87,6 +133,7 @@ def run_isolated(target: Callable[..., dict], log_path: Path | None = None, **kw
     )
     started = time.perf_counter()
     process.start()
+    watch = TreeMemory(process.pid) if watch_tree else None
     child_conn.close()
     try:
         status, payload = parent_conn.recv()
@@ -96,6 +143,8 @@ def run_isolated(target: Callable[..., dict], log_path: Path | None = None, **kw
             f"{target.__name__} died without a result (exit code {process.exitcode})"
         ) from None
     process.join()
+    if watch is not None and status == "ok":
+        payload["memory"] = watch.stop()
     if status != "ok":
         log = ""
         if log_path is not None and Path(log_path).is_file():
