@@ -28,6 +28,7 @@ from pydantic_core import from_json
 from facemllm.pipeline.core.files import write_bytes_atomic, write_json_atomic
 from facemllm.pipeline.core.manifest import summary_rows
 from facemllm.pipeline.core.profile import MEASURES, merge_profiles
+from facemllm.pipeline.core.progress import MARKERS
 from facemllm.pipeline.core.shards import iter_tar_samples
 from facemllm.pipeline.core.storage import Storage, StorageOptions
 from facemllm.pipeline.publishing.layout import base_url, manifest_of_version, report_data_name
@@ -35,7 +36,7 @@ from facemllm.schemas import DuplicateExample, DuplicateFace, ReportData, RunMan
 
 REPORT_DATA = "report.json"
 REPORT_HTML = "report.html"
-MARKERS = ("urls/_select-*.json", "images/*_stats.json", "faces/*_stats.json", "annotations/*_stats.json")
+PROFILED_STAGES = ("select", "download", "faces", "annotate")  # stages whose markers hold a profile
 DECISIONS = "faces/_dedup/duplicates.parquet"
 CONTACT_SHEET = 48
 PER_SHARD = 12  # faces the contact sheet takes from one shard: 48 faces from at least 4 shards
@@ -77,8 +78,8 @@ def _rank(text: str) -> bytes:
 def collect_report_data(out: Path) -> ReportData:
     """Merge every stage's per-shard profile under ``out`` and summarize the dedup decisions."""
     profiles = []
-    for pattern in MARKERS:
-        for marker in sorted(out.glob(pattern)):
+    for stage in PROFILED_STAGES:
+        for marker in sorted(out.glob(f"{MARKERS[stage].folder}/{MARKERS[stage].pattern}")):
             content = from_json(marker.read_bytes())
             profiles.append(content.get("profile") if isinstance(content, dict) else None)
     duplicates: dict[str, int] = {}
