@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic_core import from_json
 
@@ -84,15 +85,14 @@ def collect_report_data(out: Path) -> ReportData:
             profiles.append(content.get("profile") if isinstance(content, dict) else None)
     duplicates: dict[str, int] = {}
     examples: list[DuplicateExample] = []
-    if (out / DECISIONS).exists():
-        rows = pq.read_table(out / DECISIONS).to_pylist()
-        for row in rows:
-            duplicates[row["reason"]] = duplicates.get(row["reason"], 0) + 1
-        groups: defaultdict[str, list[DuplicateFace]] = defaultdict(list)
-        for row in rows:
-            groups[row["keeper"]].append(DuplicateFace.model_validate(row))
-        for keeper in sorted(groups, key=_rank)[:DUPLICATE_GROUPS]:
-            members = groups[keeper][:GROUP_MEMBERS]
+    if (out / DECISIONS).exists():  # columns in Arrow; records only for the groups shown
+        table = pq.read_table(out / DECISIONS)
+        counts = pc.value_counts(table["reason"]).to_pylist()
+        duplicates = {entry["values"]: entry["counts"] for entry in counts}
+        keepers = heapq.nsmallest(DUPLICATE_GROUPS, pc.unique(table["keeper"]).to_pylist(), key=_rank)
+        for keeper in keepers:
+            rows = table.filter(pc.equal(table["keeper"], keeper)).slice(0, GROUP_MEMBERS).to_pylist()
+            members = [DuplicateFace.model_validate(row) for row in rows]
             examples.append(
                 DuplicateExample(keeper=keeper, keeper_shard=members[0].keeper_shard, duplicates=members)
             )

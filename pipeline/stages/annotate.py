@@ -27,7 +27,6 @@ import logging
 import shutil
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
-from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -121,15 +120,15 @@ class AnnotateStage(ShardStage):
         decisions = [self.root / self.input_dir / BESIDE_FACES] if self.dedup_action else []
         return [*super().inputs(unit), *decisions]
 
-    @cached_property
-    def duplicates(self) -> dict[str, DuplicateFace]:
-        """The dedup decisions (``faces/_dedup/duplicates.parquet``), read at the first shard: the pipeline
-        starts this stage only once they are written); none when the run does not deduplicate."""
-        return read_decisions(self.root / self.input_dir) if self.dedup_action else {}
+    def shard_duplicates(self, unit: int) -> dict[str, DuplicateFace]:
+        """The dedup decisions about face shard ``unit`` (``faces/_dedup/duplicates.parquet``, which
+        the pipeline writes before this stage starts); none when the run does not deduplicate."""
+        return read_decisions(self.root / self.input_dir, unit) if self.dedup_action else {}
 
     def process_shard(self, unit: int, source: Path, writer: ShardWriter) -> UnitResult:
         statuses: list[dict] = []
         self.profile = ProfileBuilder()  # filled by _write, one shard at a time per worker
+        self.duplicates = self.shard_duplicates(unit)
         extra: dict = {}
         faces = iter_tar_samples(source)  # face keys are sorted; answers are written in that order
         if isinstance(self.annotator, TemplateAnnotator):

@@ -256,9 +256,11 @@ def apply_dedup(face_units: beam.PCollection, out: str, config: DedupConfig) -> 
     return beam.pvalue.AsSingleton(decisions)
 
 
-def read_decisions(faces_dir: Path) -> dict[str, DuplicateFace]:
-    """face key -> its decision, from ``_dedup/duplicates.parquet`` beside the face shards ({} when absent)."""
+def read_decisions(faces_dir: Path, shard: int) -> dict[str, DuplicateFace]:
+    """face key -> its decision, for the faces of one face shard, from ``_dedup/duplicates.parquet``
+    beside the face shards ({} when absent): a worker holds its shard's decisions, not the run's."""
     path = faces_dir / BESIDE_FACES
     if not path.exists():
         return {}
-    return {row["key"]: DuplicateFace.model_validate(row) for row in pq.read_table(path).to_pylist()}
+    table = pq.read_table(path, filters=[("shard", "=", shard)])
+    return {row["key"]: DuplicateFace.model_validate(row) for row in table.to_pylist()}
