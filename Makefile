@@ -48,6 +48,9 @@ bench: install vllm
 	$(BIN)/python -m benchmarks.bench_publish
 	$(BIN)/python -m benchmarks.bench_train
 	$(BIN)/python -m benchmarks.bench_eval
+	$(BIN)/python -m benchmarks.bench_select_ids
+	$(BIN)/python -m benchmarks.bench_report
+	$(BIN)/python -m benchmarks.bench_scale
 
 lint: install
 	$(BIN)/lint-imports
