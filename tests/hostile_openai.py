@@ -5,7 +5,7 @@ names played one per request in order, the last repeated (``["gzip_bomb", "ok"]`
 good answers). Each request is recorded (``requests``: behaviour and the Authorization header it
 carried). The behaviours:
 
-- ``ok``: a valid completion whose content is a valid ``FaceResponse``;
+- ``ok``: a valid completion whose content is a valid ``FaceResponse``, after ``latency_s``;
 - ``trickle``: a 200 whose body arrives one byte every ``trickle_s`` (never trips a per-read timeout);
 - ``stall_headers``: reads the request and never answers;
 - ``reset``: closes the connection with a TCP RST;
@@ -69,10 +69,11 @@ class Seen:
 class HostileServer:
     """``with HostileServer(["trickle"], answer=...) as server: server.url``."""
 
-    def __init__(self, plan: list[str], answer: dict, trickle_s: float = 0.2):
+    def __init__(self, plan: list[str], answer: dict, trickle_s: float = 0.2, latency_s: float = 0.0):
         self.plan = list(plan)
         self.answer = answer  # a valid FaceResponse object: what ``ok`` answers
         self.trickle_s = trickle_s
+        self.latency_s = latency_s  # how long ``ok`` takes: a server of fixed speed, for benchmarks
         self.requests: list[Seen] = []
         if "gzip_bomb" in plan:
             gzip_bomb()  # built before any request waits on it
@@ -127,6 +128,8 @@ class HostileServer:
         return json.dumps(answer)
 
     def _play_ok(self, sock, authorization) -> None:
+        if self.latency_s:
+            self._stop.wait(self.latency_s)
         _send_json(sock, 200, completion(self._ok_content()))
 
     def _play_trickle(self, sock, authorization) -> None:
