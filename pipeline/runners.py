@@ -31,11 +31,12 @@ class RunnerConfig(StrictModel):
     )
     dask_workers: int = Field(2, ge=1, description="worker processes of the local dask cluster")
     dask_threads_per_worker: int = Field(1, ge=1, description="threads per local dask worker process")
-    dask_partitions: int = Field(
-        8,
+    dask_partitions: int | None = Field(
+        None,
         ge=1,
         description="dask partitions each stage's units are spread over (a partition is one task; a "
-        "stage's setup, e.g. loading SCRFD, runs once per partition): a few per worker",
+        "stage's setup, e.g. loading SCRFD, runs once per partition); None: twice the cluster's "
+        "worker threads (measured on 2 workers: 4 partitions 81.7 s, 8: 88.5 s, 16: 96.7 s)",
     )
     job_endpoint: str | None = Field(None, description="portable/flink/spark job service host:port")
     environment_type: str | None = Field(None, description="LOOPBACK, EXTERNAL, PROCESS or DOCKER")
@@ -72,7 +73,8 @@ def pipeline_options(config: RunnerConfig):
             f"--direct_running_mode={config.direct_running_mode}",
         ]
     elif config.runner == "dask":
-        args.append(f"--dask_npartitions={config.dask_partitions}")
+        if config.dask_partitions:
+            args.append(f"--dask_npartitions={config.dask_partitions}")
         if config.dask_address:
             args.append(f"--dask_client_address={config.dask_address}")
     else:
@@ -112,28 +114,45 @@ def _spread_on_dask() -> None:
 
     class Spread(transform_evaluator.DaskBagOp):
         def apply(self, input_bag, side_inputs=None):
-            return input_bag.repartition(npartitions=self.bag_kwargs["npartitions"])
+            partitions = self.bag_kwargs.get("npartitions")  # set by beam_pipeline
+            return input_bag.repartition(npartitions=partitions) if partitions else input_bag
 
     transform_evaluator.TRANSLATIONS[_Reshuffle] = Spread
 
 
 @contextmanager
-def local_dask_cluster(config: RunnerConfig) -> Iterator[RunnerConfig]:
-    """``config`` pointed at a running scheduler: its own, or a local cluster of worker processes
-    on 127.0.0.1 started here and closed on exit (workers restart when killed: the nanny)."""
-    if config.runner != "dask" or config.dask_address:
+def dask_cluster(config: RunnerConfig) -> Iterator[RunnerConfig]:
+    """``config`` pointed at a running scheduler (its own, or a local cluster of worker processes
+    on 127.0.0.1 started here and closed on exit; workers restart when killed: the nanny), with
+    its partition count settled."""
+    if config.runner != "dask":
         yield config
         return
-    from distributed import LocalCluster
+    from distributed import Client, LocalCluster
 
-    with LocalCluster(
-        n_workers=config.dask_workers,
-        threads_per_worker=config.dask_threads_per_worker,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-    ) as cluster:
-        yield config.model_copy(update={"dask_address": cluster.scheduler_address})
+    if config.dask_address:
+        with Client(config.dask_address) as client:
+            yield _with_partitions(config, client)
+        return
+    with (
+        LocalCluster(
+            n_workers=config.dask_workers,
+            threads_per_worker=config.dask_threads_per_worker,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield _with_partitions(config.model_copy(update={"dask_address": cluster.scheduler_address}), client)
+
+
+def _with_partitions(config: RunnerConfig, client) -> RunnerConfig:
+    """``dask_partitions`` as set, else twice the worker threads the cluster has now."""
+    if config.dask_partitions:
+        return config
+    threads = sum(client.nthreads().values())
+    return config.model_copy(update={"dask_partitions": max(2, 2 * threads)})
 
 
 @contextmanager
@@ -143,7 +162,7 @@ def beam_pipeline(config: RunnerConfig):
     import apache_beam as beam
 
     with (
-        local_dask_cluster(config) as resolved,
+        dask_cluster(config) as resolved,
         beam.Pipeline(runner=make_runner(resolved), options=pipeline_options(resolved)) as pipeline,
     ):
         yield pipeline
