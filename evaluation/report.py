@@ -8,13 +8,12 @@ published as one file.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from collections import defaultdict
 from pathlib import Path
 
+from facemllm.pipeline.core.embed import jpeg_thumbnail_uri
 from facemllm.pipeline.core.files import write_bytes_atomic
 from facemllm.schemas.evaluation import (
     EVAL_TASKS,
@@ -110,17 +109,6 @@ def _confusion_table(matrix: ConfusionMatrix) -> str:
     return f"<h4>confusion: {html.escape(matrix.title)} (rows: true, columns: predicted)</h4><table><tr><th></th>{head}</tr>{body}</table>"
 
 
-def thumbnail(image: bytes) -> str:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(image)) as opened:
-        picture = opened.convert("RGB")
-        picture.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-        buffer = io.BytesIO()
-        picture.save(buffer, "JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def _examples(task: TaskResult, predictions: dict[str, Prediction], images: dict[str, bytes]) -> str:
     if not task.worst:
         return ""
@@ -128,7 +116,9 @@ def _examples(task: TaskResult, predictions: dict[str, Prediction], images: dict
     for worst in task.worst:
         p = predictions[worst.key]
         image = (
-            f'<img src="{thumbnail(images[p.key])}" alt="{html.escape(p.key)}">' if p.key in images else ""
+            f'<img src="{jpeg_thumbnail_uri(images[p.key], THUMBNAIL_PX)}" alt="{html.escape(p.key)}">'
+            if p.key in images
+            else ""
         )
         text = (
             f"{p.key} ({p.dataset}/{p.split}, {p.qa_task}, {p.answer_style}): {worst.why}\n\n"

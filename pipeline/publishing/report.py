@@ -12,7 +12,6 @@ For a published DEST the page is rebuilt from the version's manifest and shards 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import heapq
 import html
@@ -26,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic_core import from_json
 
+from facemllm.pipeline.core.embed import data_uri, jpeg_thumbnail_uri
 from facemllm.pipeline.core.files import write_bytes_atomic, write_json_atomic
 from facemllm.pipeline.core.manifest import summary_rows
 from facemllm.pipeline.core.profile import MEASURES, merge_profiles
@@ -169,21 +169,14 @@ def _png(figure) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=80)
     plt.close(figure)
-    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+    return f'<img alt="plot" src="{data_uri(buffer.getvalue(), "image/png")}">'
 
 
 def _thumbnail(jpeg: bytes) -> str:
-    from PIL import Image
-
     try:
-        with Image.open(io.BytesIO(jpeg)) as image:
-            image = image.convert("RGB")
-            image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=80)
+        return f'<img alt="face" src="{jpeg_thumbnail_uri(jpeg, THUMBNAIL_PX)}">'
     except (OSError, ValueError):
         return '<div class="missing">unreadable</div>'
-    return f'<img alt="face" src="data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
 def _bars(items: list[tuple[str, int]], title: str) -> str:
