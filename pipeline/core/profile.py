@@ -65,8 +65,8 @@ def domain(url: str | None) -> str:
 
 def reason(error: str | None) -> str:
     """A failure message as a category: its first line, cut short (messages embed urls and sizes)."""
-    first = (error or "(no message)").strip().splitlines()[0] if (error or "").strip() else "(no message)"
-    return first[:MAX_REASON_CHARS]
+    message = (error or "").strip()
+    return message.splitlines()[0][:MAX_REASON_CHARS] if message else "(no message)"
 
 
 class ProfileBuilder:

@@ -99,7 +99,7 @@ def publish(out: Path, dest: str, options: StorageOptions | None = None) -> Publ
     uploaded = storage.parallel(shards, upload, f"publish {dest}", size_of=lambda s: s.bytes)
     if (Path(out) / REPORT_DATA).is_file():  # counts only: the page itself is rebuilt from DEST
         storage.write_bytes(report_data_name(manifest.version), (Path(out) / REPORT_DATA).read_bytes())
-    commit_version(storage, manifest, {posixpath.dirname(s.url) for s in shards})
+    commit_version(storage, manifest, folders)
     return PublishReport(
         dest=dest,
         version=manifest.version,

@@ -71,7 +71,6 @@ class FaceStage(ShardStage):
                 )
                 observe_face(profile, face.record)
             statuses.append(result.status.model_dump(mode="json"))
-            profile.count("face_status", result.status.status)
             profile.observe("faces_per_image", result.status.faces_kept)
             profile.count("blocked_faces_by_list", result.status.blocklist, result.status.dropped_blocklisted)
         counts = Counter(row["status"] for row in statuses)
@@ -84,6 +83,8 @@ class FaceStage(ShardStage):
             **dropped,
             "providers": self.cropper.detector.session.get_providers(),  # what onnxruntime ran it on
         }
+        for status, n in counts.items():
+            profile.count("face_status", status, n)
         for drop, n in dropped.items():
             profile.count("face_drops", drop.removeprefix("dropped_"), n)
         stats["profile"] = profile.build()
