@@ -2,11 +2,11 @@
 
     python -m benchmarks.bench_report [--rows 400] [--workers 2]
 
-A synthetic LAION slice in the real schema, served from loopback by the demo's sample server:
-``--rows`` rows whose urls point at the package photos (each photo under many urls, so exact
-duplicates abound) plus the fault routes, every row in the id list. The whole run (select ->
-download -> faces -> dedup -> annotate (template) -> LAION-Face QA -> manifest -> report) runs in
-its own child process on the direct runner with ``--workers`` processes.
+The scale benchmark's synthetic LAION slice (``benchmarks/laion_slice.py``: the package photos
+under many urls, so duplicates abound, and a crawl's failure mix), served from loopback by the
+demo's sample server. The whole run (select -> download -> faces -> dedup -> annotate (template)
+-> LAION-Face QA -> manifest -> report) runs in its own child process on the direct runner with
+``--workers`` processes, as ``bench_scale`` runs it.
 
 Then, on that run's output, each in its own child process:
 - the report: ``write_run_report`` (merge every marker's profile, read the contact sheet's and the
@@ -25,70 +25,10 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from urllib.parse import quote
 
 from benchmarks._common import DEFAULT_OUT, machine_info, print_table, run_isolated, write_result
-
-
-def build_slice(folder: Path, base_url: str, photos: dict[str, Path], rows: int) -> tuple[Path, Path]:
-    """A metadata parquet of ``rows`` rows (photos under many urls, the fault routes) and its id list."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from facemllm.pipeline.demo.sample import ALT_TEXTS
-    from facemllm.pipeline.demo.server import FAULT_ROUTES, PHOTO_PREFIX
-
-    names = sorted(photos)
-    urls = [f"{base_url}{route}" for route in FAULT_ROUTES]
-    urls += [
-        f"{base_url}{PHOTO_PREFIX}{quote(names[i % len(names)])}?copy={i // len(names)}"
-        for i in range(rows - len(urls))
-    ]
-    ids = [1_630_000_000 + 7 * i for i in range(len(urls))]
-    folder.mkdir(parents=True, exist_ok=True)
-    table = pa.table(
-        {
-            "SAMPLE_ID": ids,
-            "URL": urls,
-            "TEXT": [ALT_TEXTS.get(url.rsplit("/", 1)[-1].split("?")[0], "a photo") for url in urls],
-            "HEIGHT": [512] * len(urls),
-            "WIDTH": [512] * len(urls),
-            "LICENSE": ["?"] * len(urls),
-            "NSFW": ["UNLIKELY"] * len(urls),
-            "similarity": [0.33] * len(urls),
-        }
-    )
-    metadata = folder / "part-00000.parquet"
-    pq.write_table(table, metadata)
-    id_list = folder / "ids.txt"
-    id_list.write_text("".join(f"{i}\n" for i in ids))
-    return metadata, id_list
-
-
-def whole_run(out: str, metadata: str, ids: str, workers: int) -> dict:
-    import json
-
-    from facemllm.pipeline.config import load_config
-    from facemllm.pipeline.demo.run import DEMO_CONFIG
-    from facemllm.pipeline.run import run
-
-    config = load_config(
-        DEMO_CONFIG,
-        [
-            f"out={json.dumps(out)}",
-            f"select.metadata={json.dumps([metadata])}",
-            f"select.ids={json.dumps(ids)}",
-            "stages=[select, download, faces, annotate, laion_face_qa]",
-            "select.samples_per_shard=50",
-            f"runner.direct_num_workers={workers}",
-        ],
-    )
-    started = time.perf_counter()
-    manifest = run(config, progress=False)
-    return {
-        "seconds": time.perf_counter() - started,
-        "faces": manifest.stages["faces"].counts.get("samples", 0),
-    }
+from benchmarks.bench_scale import TIMEOUT_S, ours
+from benchmarks.laion_slice import build_slice
 
 
 def report_only(out: str) -> dict:
@@ -157,10 +97,17 @@ def main() -> None:
 
     shutil.rmtree(args.work, ignore_errors=True)
     photos = package_photos(ensure_scrfd_package())
-    with SampleServer(photos, latency_s=0.02) as server:
-        metadata, ids = build_slice(args.work / "input", server.base_url, photos, args.rows)
+    with SampleServer(photos, latency_s=0.02, stall_s=3 * TIMEOUT_S) as server:
+        data = build_slice(args.work / "input", server.base_url, photos, args.rows)
         out = str(args.work / "run")
-        run = run_isolated(whole_run, out=out, metadata=str(metadata), ids=str(ids), workers=args.workers)
+        run = run_isolated(
+            ours,
+            out=out,
+            metadata=[str(p) for p in data.metadata],
+            ids=str(data.ids),
+            workers=args.workers,
+            runner="direct",
+        )
     report = run_isolated(report_only, out=out)
     dedup = run_isolated(dedup_only, out=out)
     anchor = run_isolated(bare_phash, out=out)
