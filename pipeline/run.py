@@ -1,7 +1,8 @@
 """``facemllm run``: the LAION-Face DAG, select -> download -> faces -> annotate -> laion_face_qa.
 
-Each configured stage (``pipeline/stages/``) runs through the one executor (``StageDoFn``): units
-move between stages as ids, completion markers make a retried bundle or a rerun after a kill skip
+Each configured stage (``pipeline/stages/``) runs through the one executor (``StageDoFn``; download
+and faces as one streamed pair, detection working while downloads wait): units move between
+stages as ids, completion markers make a retried bundle or a rerun after a kill skip
 finished units and redo partial ones. A stage not configured reuses the completed output of an
 earlier run. When the pipeline has finished, the driver writes ``sizes.json`` and ``manifest.json``
 (the commit point) from what is on disk, and the LAION-Face QA datasets' manifests.
@@ -70,7 +71,11 @@ def build(pipeline: beam.Pipeline, config: RunConfig, stages: dict[str, Stage]) 
         if name == "annotate" and config.dedup.enabled:  # every face shard hashed and grouped first
             written = apply_dedup(units, config.out, config.dedup)
             units = units | "AfterDedup" >> beam.Map(lambda unit, _: unit, written)
-        units = apply_stage(units, name.title().replace("_", ""), stage, config.out)
+        if name == "faces" and "download" in stages:
+            continue  # streamed from the download stage's workers, unit for unit
+        label = name.title().replace("_", "")
+        streams_to = stages.get("faces") if name == "download" else None
+        units = apply_stage(units, label, stage, config.out, streams_to)
 
 
 def check_inputs(config: RunConfig) -> None:

@@ -222,3 +222,27 @@ def test_inputs_and_output_on_s3_with_a_local_dask_cluster(
     )
     assert observed_counts(manifest) == expected_counts(sample)
     assert shard_digests(manifest) == shard_digests(direct_reference)
+
+
+def _worker_settings() -> tuple[str | None, bool, str]:
+    import dask.config
+
+    return (
+        os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+        dask.config.get("distributed.worker.profile.enabled"),
+        dask.config.get("distributed.admin.tick.interval"),
+    )
+
+
+def test_the_local_cluster_workers_run_without_the_profiler_and_the_malloc_trim_setting():
+    """dask's defaults cost the scale benchmark's workers 27% more CPU (README, Runners)."""
+    from distributed import Client
+
+    from facemllm.pipeline.runners import RunnerConfig, dask_cluster
+
+    with (
+        dask_cluster(RunnerConfig(runner="dask", dask_workers=1)) as config,
+        Client(config.dask_address) as client,
+    ):
+        settings = list(client.run(_worker_settings).values())
+    assert settings == [(None, False, "1s")]

@@ -178,6 +178,19 @@ def test_sigkill_mid_stage_then_resume_matches_reference(served_sample, referenc
     assert not list(out.glob("**/.*.tmp-*")) and not (out / "images" / "_tmp").exists()
 
 
+def test_faces_streamed_from_the_download_equal_faces_read_from_the_image_shards(
+    served_sample, reference, tmp_path
+):
+    """The run streams each downloaded image into the faces stage; downloading first and detecting
+    from the finished image shards in a second run gives the same shards, byte for byte."""
+    _, sample = served_sample
+    _, expected = reference
+    out = tmp_path / "out"
+    finish_run_with_output(write_config(sample, out, ["stages=[select, download]"]))
+    assert not (out / "faces").exists()
+    assert finish_run(write_config(sample, out)) == expected
+
+
 def test_portable_runner_gives_the_same_manifest(served_sample, reference, tmp_path):
     from tests.portable import local_portable_services
 

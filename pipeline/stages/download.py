@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import uuid
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -36,7 +37,7 @@ from pydantic import Field
 from facemllm.pipeline.core.blocklist import Blocklists, BlocklistSource
 from facemllm.pipeline.core.profile import ProfileBuilder, domain, reason
 from facemllm.pipeline.core.shards import SHARD_ID_DIGITS, repack_sorted, shard_paths
-from facemllm.pipeline.stages.framework import ShardOutputStage, UnitResult
+from facemllm.pipeline.stages.framework import ShardOutputStage, StreamingSource, UnitResult
 from facemllm.pipeline.stages.netguard import DestinationPolicy, install_guarded_opener
 from facemllm.pipeline.stages.select import url_shard_path
 from facemllm.schemas import StrictModel
@@ -96,7 +97,7 @@ def bound_decoder_pixels(max_pixels: int) -> None:
         )
 
 
-class DownloadStage(ShardOutputStage):
+class DownloadStage(ShardOutputStage, StreamingSource):
     """Runs img2dataset on one url shard, atomically and idempotently."""
 
     name = "download"
@@ -132,8 +133,8 @@ class DownloadStage(ShardOutputStage):
             max_aspect_ratio=config.max_aspect_ratio,
         )
         self.column_list = list(IMG2DATASET_COLUMNS.values())
-        self._make_downloader = lambda output_folder: Downloader(
-            sample_writer_class=WebDatasetSampleWriter,
+        self._make_downloader = lambda output_folder, on_sample: Downloader(
+            sample_writer_class=tapped_writer(WebDatasetSampleWriter, on_sample),
             resizer=resizer,
             thread_count=config.thread_count,
             save_caption=True,
@@ -154,8 +155,9 @@ class DownloadStage(ShardOutputStage):
     def inputs(self, unit: int) -> list[Path]:
         return [url_shard_path(self.root / "urls", unit)]
 
-    def process(self, unit: int) -> UnitResult:
-        """img2dataset in a private folder; its tar repacked in key order, its status completed."""
+    def process(self, unit: int, on_sample: Callable[[str, bytes, dict], None] | None = None) -> UnitResult:
+        """img2dataset in a private folder; its tar repacked in key order, its status completed.
+        ``on_sample`` gets each image the shard will hold (a blocklisted one never), as written."""
         url_shard = self.inputs(unit)[0]
         work = self.root / "images" / WORK_DIR / f"{unit:05d}-{uuid.uuid4().hex[:8]}"
         work.mkdir(parents=True)
@@ -165,7 +167,9 @@ class DownloadStage(ShardOutputStage):
             table = rows.select(list(IMG2DATASET_COLUMNS)).rename_columns(self.column_list)
             with pa.OSFile(str(feather), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)
-            ok, _ = self._make_downloader(str(work))((unit, str(feather)))
+            if on_sample is not None and self.blocklists:
+                on_sample = self._unless_blocked(on_sample)
+            ok, _ = self._make_downloader(str(work), on_sample)((unit, str(feather)))
             if not ok:
                 raise RuntimeError(f"img2dataset failed on url shard {unit} ({url_shard}); see the log above")
             produced = shard_paths(work, unit)
@@ -197,6 +201,15 @@ class DownloadStage(ShardOutputStage):
                 }
         return pa.Table.from_pylist([rows[key] for key in sorted(rows)], status.schema)
 
+    def _unless_blocked(
+        self, on_sample: Callable[[str, bytes, dict], None]
+    ) -> Callable[[str, bytes, dict], None]:
+        def forward(key: str, data: bytes, meta: dict) -> None:
+            if self.blocklists.match_sha256(meta.get("sha256")) is None:
+                on_sample(key, data, meta)
+
+        return forward
+
     def _block(self, statuses: pa.Table) -> tuple[pa.Table, set[str]]:
         """Status rows with every image whose sha256 is on a list marked ``blocklisted`` (naming
         the list), and the keys of those images, which are left out of the shard."""
@@ -216,6 +229,21 @@ class DownloadStage(ShardOutputStage):
 
     def clean(self) -> None:
         shutil.rmtree(self.root / "images" / WORK_DIR, ignore_errors=True)
+
+
+def tapped_writer(writer_class: type, on_sample: Callable[[str, bytes, dict], None] | None) -> type:
+    """img2dataset's sample writer, also handing each image it writes to ``on_sample`` with its
+    metadata as the tar's json holds it."""
+    if on_sample is None:
+        return writer_class
+
+    class TappedWriter(writer_class):
+        def write(self, img_str, key, caption, meta):
+            super().write(img_str, key, caption, meta)
+            if img_str is not None:
+                on_sample(key, img_str, json.loads(json.dumps(meta)))
+
+    return TappedWriter
 
 
 def download_profile(statuses: pa.Table) -> dict:

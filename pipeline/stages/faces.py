@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from facemllm.annotators.face_config import FILTER_DROPS, FaceConfig
 from facemllm.pipeline.core.blocklist import Blocklists, BlocklistSource
 from facemllm.pipeline.core.profile import ProfileBuilder
 from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples
-from facemllm.pipeline.stages.framework import ShardStage, UnitResult
+from facemllm.pipeline.stages.framework import ShardStage, StreamingSink, UnitResult
 from facemllm.schemas import FaceRecord, FaceStatus
+
+if TYPE_CHECKING:  # the module loads cv2, which must wait for the decoder bound
+    from facemllm.annotators.faces import FaceResult
 
 IMAGE_META_FIELDS = {
     "url": "url",
@@ -30,7 +35,7 @@ IMAGE_META_FIELDS = {
 DROP_REASONS = ("dropped_small", "dropped_low_score", "dropped_over_max", *FILTER_DROPS)
 
 
-class FaceStage(ShardStage):
+class FaceStage(ShardStage, StreamingSink):
     """Crops the faces of one image shard."""
 
     name = "faces"
@@ -54,12 +59,31 @@ class FaceStage(ShardStage):
         self.cropper = FaceCropper(self.config, Blocklists(self.blocklist, ["phash"]))
 
     def process_shard(self, unit: int, source: Path, writer: ShardWriter) -> UnitResult:
+        samples = iter_tar_samples(source)  # image keys are sorted, face keys extend them
+        crops = (
+            self.crop(key, sample.get("jpg", b""), json.loads(sample.get("json", b"{}")))
+            for key, sample in samples
+        )
+        return self.write_faces(unit, crops, writer)
+
+    def process_stream(self, unit: int, samples: Iterable[tuple[str, bytes, dict]]) -> UnitResult:
+        """The images as the download stage writes them, in completion order: each is cropped as it
+        comes, the faces written in key order at the end, byte for byte as from the image shard."""
+        crops = sorted((self.crop(*sample) for sample in samples), key=lambda crop: crop.status.source_key)
+        with ShardWriter(self.paths(unit)["tar"]) as writer:
+            return self.write_faces(unit, crops, writer)
+
+    def crop(self, source_key: str, image: bytes, meta: dict) -> FaceResult:
+        """One image with its download metadata (img2dataset's names) -> its status and faces."""
+        return self.cropper.process(
+            image, source_key, {field: meta.get(name) for field, name in IMAGE_META_FIELDS.items()}
+        )
+
+    def write_faces(self, unit: int, crops: Iterable[FaceResult], writer: ShardWriter) -> UnitResult:
+        """The shard's faces into ``writer`` (``crops`` in key order), its status rows and stats."""
         statuses: list[dict] = []
         profile = ProfileBuilder()
-        for source_key, sample in iter_tar_samples(source):  # image keys are sorted, face keys extend them
-            meta = json.loads(sample.get("json", b"{}"))
-            image_meta = {field: meta.get(name) for field, name in IMAGE_META_FIELDS.items()}
-            result = self.cropper.process(sample.get("jpg", b""), source_key, image_meta)
+        for result in crops:
             for face in result.faces:
                 writer.add(
                     face.record.key,

@@ -19,9 +19,12 @@ stages:
 
 from __future__ import annotations
 
+import functools
 import os
+import queue
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -203,18 +206,31 @@ def read_marker(marker: Path) -> dict | None:
     return content
 
 
-def execute_unit(stage: Stage, unit: int, store: RunStore | None = None) -> tuple[dict, bool]:
-    """Run one unit to completion unless it is complete; returns (its stats, whether it was skipped)."""
+def completed_stats(stage: Stage, unit: int, store: RunStore | None = None) -> dict | None:
+    """The unit's marker content when it is complete and current (fetched from the run store when
+    another worker completed it), else None."""
     marker = stage.marker(unit)
     if store is not None:
         store.fetch_completed(marker, lambda stats: stage.outputs(unit, stats))
     stats = read_marker(marker)
-    if stats is not None and stage.is_current(stats):
+    return stats if stats is not None and stage.is_current(stats) else None
+
+
+def execute_unit(
+    stage: Stage, unit: int, store: RunStore | None = None, process: Callable[[], UnitResult] | None = None
+) -> tuple[dict, bool]:
+    """Run one unit to completion unless it is complete; returns (its stats, whether it was skipped).
+    ``process``: how to produce the unit when not ``stage.process`` (its inputs then come from
+    elsewhere than the store)."""
+    stats = completed_stats(stage, unit, store)
+    if stats is not None:
         return stats, True
-    if store is not None:
-        for path in stage.inputs(unit):
+    marker = stage.marker(unit)
+    if process is None:
+        for path in stage.inputs(unit) if store is not None else ():
             store.fetch(path)
-    result = stage.process(unit)
+        process = functools.partial(stage.process, unit)
+    result = process()
     table = stage.status_table(unit)
     if table is not None:
         schema = arrow_schema(stage.status_record) if stage.status_record is not None else None
@@ -225,35 +241,100 @@ def execute_unit(stage: Stage, unit: int, store: RunStore | None = None) -> tupl
     return result.stats, False
 
 
+class StreamingSource(Stage):
+    """A stage that can hand each sample to the next stage as it writes it (``on_sample(key,
+    data, meta)``), so that the next stage works while this one waits on the network."""
+
+    @abstractmethod
+    def process(self, unit: int, on_sample: Callable[[str, bytes, dict], None] | None = None) -> UnitResult:
+        """``Stage.process``, calling ``on_sample`` for each sample its output will hold."""
+
+
+class StreamingSink(Stage):
+    """A stage that can take its input unit's samples as they are made, in any order."""
+
+    @abstractmethod
+    def process_stream(self, unit: int, samples: Iterable[tuple[str, bytes, dict]]) -> UnitResult:
+        """``Stage.process`` over ``samples`` instead of the input files: the same files, the same bytes."""
+
+
+_END_OF_UNIT = object()
+
+
+def execute_streamed(
+    source: StreamingSource, sink: StreamingSink, unit: int, store: RunStore | None = None
+) -> list[tuple[dict, bool]]:
+    """Unit ``unit`` of ``source``, then the same unit of ``sink``, the sink consuming each sample
+    while the source is still producing the rest (download I/O overlaps face detection); returns
+    ``execute_unit``'s result for each. Where either is already complete, they run one after the
+    other. The sink's marker is written only after the source's, and never when the source failed."""
+    if completed_stats(source, unit, store) is not None or completed_stats(sink, unit, store) is not None:
+        return [execute_unit(source, unit, store), execute_unit(sink, unit, store)]
+    samples: queue.SimpleQueue = queue.SimpleQueue()
+
+    def produce() -> tuple[dict, bool]:
+        try:
+            return execute_unit(
+                source, unit, store, lambda: source.process(unit, on_sample=lambda *s: samples.put(s))
+            )
+        finally:
+            samples.put(_END_OF_UNIT)
+
+    with ThreadPoolExecutor(1, thread_name_prefix=f"{source.name}-{unit}") as pool:
+        produced = pool.submit(produce)
+
+        def consume() -> Iterator[tuple[str, bytes, dict]]:
+            yield from iter(samples.get, _END_OF_UNIT)
+            produced.result()  # the source's failure, raised before the sink writes anything
+
+        sunk = execute_unit(sink, unit, store, lambda: sink.process_stream(unit, consume()))
+        return [produced.result(), sunk]
+
+
 class StageDoFn(beam.DoFn):
     """Unit id in; the downstream unit ids out once the unit is complete. ``out``: the run's
-    folder or object-store URL (each worker works in its own local mirror of it)."""
+    folder or object-store URL (each worker works in its own local mirror of it). With
+    ``streams_to``, each unit then goes through that next stage too, streamed (``execute_streamed``)."""
 
-    def __init__(self, stage: Stage, out: str):
+    def __init__(self, stage: Stage, out: str, streams_to: StreamingSink | None = None):
         self.stage = stage
         self.out = out
+        self.streams_to = streams_to
+
+    def stages(self) -> list[Stage]:
+        return [self.stage] if self.streams_to is None else [self.stage, self.streams_to]
 
     def setup(self):
         self.store = RunStore(self.out)
-        self.stage.metrics = BeamMetrics()
-        self.stage.bind(self.store.local).setup()
+        for stage in self.stages():
+            stage.metrics = BeamMetrics()
+            stage.bind(self.store.local).setup()
 
     def process(self, unit: int) -> Iterator[int]:
-        stats, skipped = execute_unit(self.stage, unit, self.store)
-        name = self.stage.name
-        if not skipped:
-            for counter, value in self.stage.counters(stats).items():
-                self.stage.metrics.count(f"{name}_{counter}", value)
-        self.stage.metrics.count(f"{name}_units_skipped" if skipped else f"{name}_units")
-        yield from self.stage.downstream(unit, stats)
+        if self.streams_to is None:
+            results = [execute_unit(self.stage, unit, self.store)]
+        else:
+            results = execute_streamed(self.stage, self.streams_to, unit, self.store)
+        for stage, (stats, skipped) in zip(self.stages(), results, strict=True):
+            if not skipped:
+                for counter, value in stage.counters(stats).items():
+                    stage.metrics.count(f"{stage.name}_{counter}", value)
+            stage.metrics.count(f"{stage.name}_units_skipped" if skipped else f"{stage.name}_units")
+        yield from stage.downstream(unit, stats)  # the last stage's
 
     def teardown(self):
-        self.stage.teardown()
+        for stage in self.stages():
+            stage.teardown()
 
 
-def apply_stage(units: beam.PCollection, label: str, stage: Stage, out: str) -> beam.PCollection:
-    """``units`` spread over workers, then processed by ``stage``; returns the downstream units."""
-    return units | f"Spread{label}" >> beam.Reshuffle() | label >> beam.ParDo(StageDoFn(stage, out))
+def apply_stage(
+    units: beam.PCollection, label: str, stage: Stage, out: str, streams_to: StreamingSink | None = None
+) -> beam.PCollection:
+    """``units`` spread over workers, then processed by ``stage`` (and by ``streams_to`` after it,
+    unit for unit); returns the downstream units."""
+    return (
+        units | f"Spread{label}" >> beam.Reshuffle() | label >> beam.ParDo(StageDoFn(stage, out, streams_to))
+    )
 
 
 def run_stage_on_folders(
