@@ -57,7 +57,7 @@ def dedup_only(out: str) -> dict:
         for face in face_hashes(Path(out), unit):
             faces += 1
             for bucket in bucket_keys(face, config.bands):
-                buckets.setdefault(bucket, []).append(face)
+                buckets.setdefault(bucket, []).append(face.linked())
     pairs = [pair for bucket, members in buckets.items() for pair in close_pairs(bucket, members, config)]
     rows = duplicate_rows(pairs)
     return {"seconds": time.perf_counter() - started, "faces": faces, "duplicates": len(rows)}

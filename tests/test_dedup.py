@@ -24,6 +24,7 @@ from facemllm.pipeline.stages.dedup import (
     DedupConfig,
     FaceHashes,
     Keepers,
+    LinkedFace,
     bucket_keys,
     close_pairs,
     duplicate_rows,
@@ -33,8 +34,8 @@ pytestmark = pytest.mark.slow
 ORIGINAL = "t1.jpg"  # six faces
 
 
-def face(key: str, sample_id: int | None, phash: int = 0) -> FaceHashes:
-    return FaceHashes(key=key, sample_id=sample_id, phash=phash, image_sha256=None, face_index=0, shard=0)
+def face(key: str, sample_id: int | None, phash: int = 0) -> LinkedFace:
+    return LinkedFace(key=key, sample_id=sample_id, phash=phash, shard=0)
 
 
 def test_the_keeper_is_the_lowest_sample_id_whatever_the_order_of_pairs():
@@ -56,7 +57,7 @@ def all_pairs_reference(faces: list[FaceHashes], config: DedupConfig) -> list[di
     buckets: dict = {}
     for f in faces:
         for bucket in bucket_keys(f, config.bands):
-            buckets.setdefault(bucket, set()).add(f)
+            buckets.setdefault(bucket, set()).add(f.linked())
     pairs = []
     for bucket, members in buckets.items():
         for a, b in itertools.combinations(sorted(members, key=lambda f: f.key), 2):
@@ -90,7 +91,7 @@ def test_links_give_the_groups_of_all_pairs_in_linear_links_per_copy():
     buckets: dict = {}
     for f in faces:
         for bucket in bucket_keys(f, config.bands):
-            buckets.setdefault(bucket, []).append(f)
+            buckets.setdefault(bucket, []).append(tuple(f.linked()))  # as across the shuffle
     keepers = Keepers()
     accumulator = keepers.create_accumulator()
     links = 0
@@ -166,3 +167,21 @@ def test_flag_annotates_duplicates_and_marks_them(photos, tmp_path):
     by_key = {row["key"]: row for row in annotations}
     assert decisions and all(by_key[r["key"]]["status"] == "success" for r in decisions)
     assert all(by_key[r["key"]]["duplicate_of"] == r["keeper"] for r in decisions)
+
+
+def test_a_face_crosses_the_shuffle_as_a_plain_tuple_in_a_quarter_of_the_bytes():
+    """Every face is in bands + 1 buckets, which the local runner holds in the driver."""
+    from apache_beam.coders import FastPrimitivesCoder
+
+    hashes = FaceHashes(
+        key="000012345_00",
+        sample_id=123456789,
+        phash=2**63 + 5,
+        image_sha256="ab" * 32,
+        face_index=0,
+        shard=12,
+    )
+    coder, bucket = FastPrimitivesCoder(), ("band", 3, 255)
+    shuffled = coder.encode((bucket, tuple(hashes.linked())))
+    assert len(shuffled) * 3 < len(coder.encode((bucket, hashes)))
+    assert LinkedFace(*coder.decode(shuffled)[1]) == hashes.linked()

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import apache_beam as beam
 import pyarrow.parquet as pq
@@ -66,6 +66,22 @@ class DedupConfig(StrictModel):
     )
 
 
+class LinkedFace(NamedTuple):
+    """What pairing and grouping need of a face. It crosses the shuffle as a plain tuple, which
+    Beam encodes natively in a few dozen bytes (a dataclass or named tuple is pickled with its
+    class); every face is in ``bands + 1`` buckets, and the local runner holds them in the driver."""
+
+    key: str
+    sample_id: int | None
+    phash: int
+    shard: int
+
+    @property
+    def rank(self) -> tuple:
+        """Lower ranks keep: the lowest SAMPLE_ID, then the lowest key."""
+        return (self.sample_id is None, self.sample_id or 0, self.key)
+
+
 @dataclass(frozen=True)
 class FaceHashes:
     key: str
@@ -75,10 +91,8 @@ class FaceHashes:
     face_index: int
     shard: int
 
-    @property
-    def rank(self) -> tuple:
-        """Lower ranks keep: the lowest SAMPLE_ID, then the lowest key."""
-        return (self.sample_id is None, self.sample_id or 0, self.key)
+    def linked(self) -> LinkedFace:
+        return LinkedFace(self.key, self.sample_id, self.phash, self.shard)
 
 
 def face_hashes(root: Path, unit: int) -> Iterator[FaceHashes]:
@@ -114,17 +128,17 @@ def bucket_keys(face: FaceHashes, bands: int) -> Iterator[tuple]:
         yield ("band", band, (face.phash >> low) & ((1 << (high - low)) - 1))
 
 
-def close_pairs(bucket: tuple, faces: Iterable[FaceHashes], config: DedupConfig) -> Iterator[tuple]:
+def close_pairs(bucket: tuple, faces: Iterable[tuple], config: DedupConfig) -> Iterator[tuple]:
     """``(face, face, reason, distance)`` links of one bucket, enough to connect every group in it:
     a star (each face to the bucket's lowest rank) for faces with the same image bytes or the same
     phash, and every near pair between distinct phashes. A photo served under n urls gives n - 1
     links, not n(n - 1)/2: the groups, their keepers and each face's closest link are the same."""
-    faces = sorted(set(faces), key=lambda f: f.rank)
+    faces = sorted({LinkedFace(*face) for face in faces}, key=lambda f: f.rank)
     if bucket[0] == "sha256":
         for face in faces[1:]:
             yield faces[0], face, "exact", 0
         return
-    by_hash: dict[int, list[FaceHashes]] = {}
+    by_hash: dict[int, list[LinkedFace]] = {}
     for face in faces:
         by_hash.setdefault(face.phash, []).append(face)
     heads = []
@@ -154,7 +168,7 @@ class Keepers(beam.CombineFn):
         return {}
 
     def add_input(self, links: dict, link: tuple) -> dict:
-        a, b = link[0], link[1]
+        a, b = LinkedFace(*link[0]), LinkedFace(*link[1])
         pair = (a.key, b.key) if a.key < b.key else (b.key, a.key)
         known = links.get(pair)
         if known is None or _strength(link) < _strength(known):
@@ -180,9 +194,9 @@ def _strength(link: tuple) -> tuple[int, int]:
 def duplicate_rows(pairs: Iterable[tuple]) -> list[dict]:
     """Union the pairs into groups; every face but the keeper (lowest rank) points at the keeper,
     with the closest link it has into the group (exact before near)."""
-    parent: dict[str, FaceHashes] = {}
+    parent: dict[str, LinkedFace] = {}
 
-    def root(face: FaceHashes) -> FaceHashes:
+    def root(face: LinkedFace) -> LinkedFace:
         while parent.setdefault(face.key, face).key != face.key:
             face = parent[face.key]
         return face
@@ -190,7 +204,7 @@ def duplicate_rows(pairs: Iterable[tuple]) -> list[dict]:
     best: dict[str, tuple[int, int]] = {}
     shards: dict[str, int] = {}
     for link in pairs:
-        a, b = link[0], link[1]
+        a, b = LinkedFace(*link[0]), LinkedFace(*link[1])
         shards[a.key], shards[b.key] = a.shard, b.shard
         ra, rb = root(a), root(b)
         if ra.key != rb.key:
@@ -242,14 +256,19 @@ def apply_dedup(face_units: beam.PCollection, out: str, config: DedupConfig) -> 
         ):
             store.fetch(path)
         for face in face_hashes(store.local, unit):
+            linked = tuple(face.linked())  # plain tuples across the shuffle (see LinkedFace)
             for bucket in bucket_keys(face, config.bands):
-                yield bucket, face
+                yield bucket, linked
+
+    def links(item: tuple) -> Iterator[tuple]:
+        for a, b, reason, distance in close_pairs(item[0], item[1], config):
+            yield tuple(a), tuple(b), reason, distance
 
     decisions = (
         face_units
         | "DedupHashes" >> beam.FlatMap(hashes)
         | "DedupBuckets" >> beam.GroupByKey()
-        | "DedupPairs" >> beam.FlatMap(lambda item: close_pairs(item[0], item[1], config))
+        | "DedupPairs" >> beam.FlatMap(links)
         | "DedupKeepers" >> beam.CombineGlobally(Keepers())
         | "DedupWrite" >> beam.ParDo(WriteDecisions(out))
     )
