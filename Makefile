@@ -8,7 +8,7 @@ UV_FIND_LINKS := $(if $(wildcard $(FIND_LINKS)),--find-links $(FIND_LINKS),)
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install vllm browser test fuzz demo bench lint clean
+.PHONY: install vllm browser test fuzz demo bench bench-scale lint clean
 
 install: $(STAMP)
 
@@ -38,6 +38,18 @@ fuzz: install
 
 demo: install
 	$(BIN)/facemllm demo --out demo-out
+
+# The cluster job's figures side by side in one run (about 30 minutes on 2 cores): the scale chain
+# (ours direct and dask against img2dataset + bare SCRFD, memory at 2,000 and 20,000 rows), the
+# select worker on the published 50M-id container, publish against boto3, and annotate against a
+# bare AsyncOpenAI client on the vLLM CPU server and on a fixed-latency loopback server.
+bench-scale: install vllm
+	$(BIN)/python -m benchmarks.bench_scale
+	$(BIN)/python -m benchmarks.bench_select_ids
+	$(BIN)/python -m benchmarks.bench_publish
+	$(BIN)/python -m benchmarks.bench_annotate --repeats 4 --out benchmarks/results/annotate_vllm.json
+	$(BIN)/python -m benchmarks.bench_annotate --latency-server 0.2 --faces 512 --concurrency 64 \
+		--repeats 4 --out benchmarks/results/annotate_latency.json
 
 bench: install vllm
 	$(BIN)/python -m benchmarks.bench_download
