@@ -57,6 +57,29 @@ def test_shard_gets_faces_a_status_per_image_and_a_marker(stage, tmp_path):
     assert paths["tar"].read_bytes() == before
 
 
+def test_faces_streamed_in_any_order_equal_faces_read_from_the_image_shard(stage, tmp_path, scrfd_dir):
+    sources = {
+        "000050000": insightface_t1(),
+        "000050001": insightface_masks()[0],
+        "000050002": insightface_t1(),
+    }
+    samples = [
+        (key, path.read_bytes(), {"url": f"http://host/{key}", "SAMPLE_ID": int(key)})
+        for key, path in sources.items()
+    ]
+    with ShardWriter(shard_paths(tmp_path / "images", 5)["tar"]) as writer:
+        for key, data, meta in samples:
+            writer.add(key, {"jpg": data, "json": json.dumps(meta).encode()})
+    from_shard = execute_unit(stage, 5)[0]
+
+    streamed = FaceStage(FaceConfig()).bind(tmp_path / "streamed")
+    streamed.cropper = stage.cropper
+    result = streamed.process_stream(5, reversed(samples))  # completion order is any order
+    assert result.stats == from_shard and result.statuses == pq.read_table(stage.status_table(5)).to_pylist()
+    assert streamed.paths(5)["tar"].read_bytes() == stage.paths(5)["tar"].read_bytes()
+    assert [p.name for p in (tmp_path / "streamed" / "faces").iterdir()] == ["00005.tar"]  # no spill left
+
+
 @pytest.mark.parametrize("name", ["../../etc/evil.jpg", "/abs/evil.jpg"])
 def test_hostile_image_tar_is_rejected_and_leaves_no_shard(stage, tmp_path, name):
     buffer = io.BytesIO()

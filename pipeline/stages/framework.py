@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import queue
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -259,26 +260,38 @@ class StreamingSink(Stage):
 
 
 _END_OF_UNIT = object()
+STREAM_BUFFER = 64  # samples between a source and its sink; beyond, the source waits for the sink
 
 
 def execute_streamed(
-    source: StreamingSource, sink: StreamingSink, unit: int, store: RunStore | None = None
+    source: StreamingSource,
+    sink: StreamingSink,
+    unit: int,
+    store: RunStore | None = None,
+    buffer: int = STREAM_BUFFER,
 ) -> list[tuple[dict, bool]]:
     """Unit ``unit`` of ``source``, then the same unit of ``sink``, the sink consuming each sample
     while the source is still producing the rest (download I/O overlaps face detection); returns
     ``execute_unit``'s result for each. Where either is already complete, they run one after the
-    other. The sink's marker is written only after the source's, and never when the source failed."""
+    other. At most ``buffer`` samples wait between them. The sink's marker is written only after
+    the source's, and never when the source failed; a failed sink lets the source finish alone."""
     if completed_stats(source, unit, store) is not None or completed_stats(sink, unit, store) is not None:
         return [execute_unit(source, unit, store), execute_unit(sink, unit, store)]
-    samples: queue.SimpleQueue = queue.SimpleQueue()
+    samples: queue.Queue = queue.Queue(maxsize=buffer)
+    abandoned = threading.Event()  # the sink failed: nobody reads the queue any more
+
+    def hand_over(item) -> None:
+        while not abandoned.is_set():
+            try:
+                return samples.put(item, timeout=0.1)
+            except queue.Full:
+                continue
 
     def produce() -> tuple[dict, bool]:
         try:
-            return execute_unit(
-                source, unit, store, lambda: source.process(unit, on_sample=lambda *s: samples.put(s))
-            )
+            return execute_unit(source, unit, store, lambda: source.process(unit, lambda *s: hand_over(s)))
         finally:
-            samples.put(_END_OF_UNIT)
+            hand_over(_END_OF_UNIT)
 
     with ThreadPoolExecutor(1, thread_name_prefix=f"{source.name}-{unit}") as pool:
         produced = pool.submit(produce)
@@ -287,7 +300,11 @@ def execute_streamed(
             yield from iter(samples.get, _END_OF_UNIT)
             produced.result()  # the source's failure, raised before the sink writes anything
 
-        sunk = execute_unit(sink, unit, store, lambda: sink.process_stream(unit, consume()))
+        try:
+            sunk = execute_unit(sink, unit, store, lambda: sink.process_stream(unit, consume()))
+        except BaseException:
+            abandoned.set()
+            raise
         return [produced.result(), sunk]
 
 
