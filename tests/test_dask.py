@@ -224,18 +224,20 @@ def test_inputs_and_output_on_s3_with_a_local_dask_cluster(
     assert shard_digests(manifest) == shard_digests(direct_reference)
 
 
-def _worker_settings() -> tuple[str | None, bool, str]:
+def _worker_settings() -> tuple[str | None, str | None, bool, str]:
     import dask.config
 
     return (
         os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+        os.environ.get("MALLOC_ARENA_MAX"),
         dask.config.get("distributed.worker.profile.enabled"),
         dask.config.get("distributed.admin.tick.interval"),
     )
 
 
 def test_the_local_cluster_workers_run_without_the_profiler_and_the_malloc_trim_setting():
-    """dask's defaults cost the scale benchmark's workers 27% more CPU (README, Runners)."""
+    """dask's defaults cost the scale benchmark's workers 27% more CPU, and per-thread malloc arenas
+    made their memory grow with the run (README, Runners)."""
     from distributed import Client
 
     from facemllm.pipeline.runners import RunnerConfig, dask_cluster
@@ -245,4 +247,26 @@ def test_the_local_cluster_workers_run_without_the_profiler_and_the_malloc_trim_
         Client(config.dask_address) as client,
     ):
         settings = list(client.run(_worker_settings).values())
-    assert settings == [(None, False, "1s")]
+    assert settings == [(None, "2", False, "1s")]
+
+
+def test_the_direct_runner_workers_get_the_worker_environment(tmp_path, monkeypatch):
+    """Per-thread malloc arenas made a direct worker's memory grow with the run (README, Runners)."""
+    import apache_beam as beam
+
+    from facemllm.pipeline.runners import RunnerConfig, beam_pipeline
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    folder = str(tmp_path)
+
+    def report(unit: int) -> int:  # a local function: pickled by value for the worker processes
+        import os
+        from pathlib import Path
+
+        Path(folder, str(os.getpid())).write_text(os.environ.get("MALLOC_ARENA_MAX", ""))
+        return unit
+
+    with beam_pipeline(RunnerConfig(direct_num_workers=2)) as pipeline:
+        _ = pipeline | beam.Create(range(4)) | beam.Reshuffle() | beam.Map(report)
+    reports = {path.name: path.read_text() for path in tmp_path.iterdir()}
+    assert reports and str(os.getpid()) not in reports and set(reports.values()) == {"2"}
