@@ -29,6 +29,7 @@ in a temporary folder, removed at the end (the cached list is kept).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -191,6 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"driver: index built in {driver['build_s']:.2f} s, peak {driver['peak_mb']:,.0f} MB", flush=True
         )
+        from facemllm.pipeline.runners import WORKER_ENVIRONMENT
+
+        os.environ.update(WORKER_ENVIRONMENT)  # what every worker process a run starts gets (both sides)
         workers = {
             side: run_isolated(
                 run_worker,

@@ -121,12 +121,15 @@ def _spread_on_dask() -> None:
     transform_evaluator.TRANSLATIONS[_Reshuffle] = Spread
 
 
-# The environment of every worker process facemllm starts (read by glibc when a process starts, so
-# set before the workers are). glibc gives each thread that allocates its own malloc arena, up to 8
-# per core, and a worker's threads (img2dataset's downloads, the streamed face detection) each keep
-# freed image buffers in theirs: a direct worker's peak grew from 888 MB at 2,000 rows to 1,085 MB
-# at 6,000 with the default, and stayed at 709 and 722 MB with 2 arenas, at the same speed.
-WORKER_ENVIRONMENT = {"MALLOC_ARENA_MAX": "2"}
+# The environment of every worker process facemllm starts (read by glibc and pyarrow when a process
+# starts, so set before the workers are), measured on the scale and select benchmarks:
+# - glibc gives each thread that allocates its own malloc arena, up to 8 per core, and a worker's
+#   threads (img2dataset's downloads, the streamed face detection) each keep freed image buffers in
+#   theirs: a direct worker's peak grew from 888 MB at 2,000 rows to 1,085 MB at 6,000 with the
+#   default, and stayed at 709 and 722 MB with 2 arenas, at the same speed;
+# - pyarrow's default pool (jemalloc) keeps what it freed: a select worker streaming 200,000 rows
+#   peaked at 308 MB with it, 262 MB with the system allocator.
+WORKER_ENVIRONMENT = {"MALLOC_ARENA_MAX": "2", "ARROW_DEFAULT_MEMORY_POOL": "system"}
 
 # dask settings for the local cluster's workers (a remote cluster: the same in its dask config, see
 # README). Measured on the scale benchmark's 2,000 rows, 2 workers: with dask's defaults the workers

@@ -224,12 +224,14 @@ def test_inputs_and_output_on_s3_with_a_local_dask_cluster(
     assert shard_digests(manifest) == shard_digests(direct_reference)
 
 
-def _worker_settings() -> tuple[str | None, str | None, bool, str]:
+def _worker_settings() -> tuple[str | None, dict, bool, str]:
     import dask.config
+
+    from facemllm.pipeline.runners import WORKER_ENVIRONMENT
 
     return (
         os.environ.get("MALLOC_TRIM_THRESHOLD_"),
-        os.environ.get("MALLOC_ARENA_MAX"),
+        {name: os.environ.get(name) for name in WORKER_ENVIRONMENT},
         dask.config.get("distributed.worker.profile.enabled"),
         dask.config.get("distributed.admin.tick.interval"),
     )
@@ -247,26 +249,31 @@ def test_the_local_cluster_workers_run_without_the_profiler_and_the_malloc_trim_
         Client(config.dask_address) as client,
     ):
         settings = list(client.run(_worker_settings).values())
-    assert settings == [(None, "2", False, "1s")]
+    assert settings == [(None, {"MALLOC_ARENA_MAX": "2", "ARROW_DEFAULT_MEMORY_POOL": "system"}, False, "1s")]
 
 
 def test_the_direct_runner_workers_get_the_worker_environment(tmp_path, monkeypatch):
-    """Per-thread malloc arenas made a direct worker's memory grow with the run (README, Runners)."""
+    """Per-thread malloc arenas made a direct worker's memory grow with the run, and pyarrow's jemalloc
+    pool kept what it freed (README, Runners)."""
     import apache_beam as beam
 
     from facemllm.pipeline.runners import RunnerConfig, beam_pipeline
 
-    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    for name in ("MALLOC_ARENA_MAX", "ARROW_DEFAULT_MEMORY_POOL"):
+        monkeypatch.delenv(name, raising=False)
     folder = str(tmp_path)
 
     def report(unit: int) -> int:  # a local function: pickled by value for the worker processes
         import os
         from pathlib import Path
 
-        Path(folder, str(os.getpid())).write_text(os.environ.get("MALLOC_ARENA_MAX", ""))
+        import pyarrow
+
+        seen = [os.environ.get("MALLOC_ARENA_MAX", ""), pyarrow.default_memory_pool().backend_name]
+        Path(folder, str(os.getpid())).write_text(" ".join(seen))
         return unit
 
     with beam_pipeline(RunnerConfig(direct_num_workers=2)) as pipeline:
         _ = pipeline | beam.Create(range(4)) | beam.Reshuffle() | beam.Map(report)
     reports = {path.name: path.read_text() for path in tmp_path.iterdir()}
-    assert reports and str(os.getpid()) not in reports and set(reports.values()) == {"2"}
+    assert reports and str(os.getpid()) not in reports and set(reports.values()) == {"2 system"}
