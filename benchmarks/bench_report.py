@@ -28,7 +28,7 @@ from pathlib import Path
 
 from benchmarks._common import DEFAULT_OUT, machine_info, print_table, run_isolated, write_result
 from benchmarks.bench_scale import TIMEOUT_S, ours
-from benchmarks.laion_slice import build_slice
+from benchmarks.laion_slice import build_slice, slice_server
 
 
 def report_only(out: str) -> dict:
@@ -91,13 +91,8 @@ def main() -> None:
 
     import shutil
 
-    from facemllm.annotators.model_store import ensure_scrfd_package
-    from facemllm.pipeline.demo.sample import package_photos
-    from facemllm.pipeline.demo.server import SampleServer
-
     shutil.rmtree(args.work, ignore_errors=True)
-    photos = package_photos(ensure_scrfd_package())
-    with SampleServer(photos, latency_s=0.02, stall_s=3 * TIMEOUT_S) as server:
+    with slice_server(TIMEOUT_S) as (server, photos):
         data = build_slice(args.work / "input", server.base_url, photos, args.rows)
         out = str(args.work / "run")
         run = run_isolated(

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from benchmarks._common import DEFAULT_OUT, machine_info, print_table, run_isolated, write_result
-from benchmarks.laion_slice import build_slice
+from benchmarks.laion_slice import build_slice, slice_server
 
 THREADS = 8
 TIMEOUT_S = 2
@@ -165,14 +165,9 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
 
-    from facemllm.annotators.model_store import ensure_scrfd_package
-    from facemllm.pipeline.demo.sample import package_photos
-    from facemllm.pipeline.demo.server import SampleServer
-
     shutil.rmtree(args.work, ignore_errors=True)
-    photos = package_photos(ensure_scrfd_package())
     results: dict = {"machine": machine_info(), "rows": args.rows, "workers": args.workers}
-    with SampleServer(photos, latency_s=0.02, stall_s=3 * TIMEOUT_S) as server:
+    with slice_server(TIMEOUT_S) as (server, photos):
 
         def run_ours(rows: int, runner: str) -> dict:
             data = build_slice(args.work / f"input-{rows}", server.base_url, photos, rows, args.parts)

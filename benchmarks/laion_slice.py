@@ -11,6 +11,8 @@ order, holding the ids of most rows (the rest are not LAION-Face) and ids of no 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -21,6 +23,22 @@ STALLS = 0.02
 HTML = 0.03
 NOT_IN_ID_LIST = 0.10
 NSFW = {"UNLIKELY": 0.9, "UNSURE": 0.07, "NSFW": 0.03}
+
+
+LATENCY_S = 0.02  # per request, as a near image host answers
+
+
+@contextmanager
+def slice_server(timeout_s: float) -> Iterator[tuple[object, dict[str, Path]]]:
+    """The loopback server the slice's urls point at, and the package photos it serves: every
+    request answered after ``LATENCY_S``, a stall held three times past ``timeout_s``."""
+    from facemllm.annotators.model_store import ensure_scrfd_package
+    from facemllm.pipeline.demo.sample import package_photos
+    from facemllm.pipeline.demo.server import SampleServer
+
+    photos = package_photos(ensure_scrfd_package())
+    with SampleServer(photos, latency_s=LATENCY_S, stall_s=3 * timeout_s) as server:
+        yield server, photos
 
 
 @dataclass(frozen=True)

@@ -275,8 +275,10 @@ def execute_streamed(
     ``execute_unit``'s result for each. Where either is already complete, they run one after the
     other. At most ``buffer`` samples wait between them. The sink's marker is written only after
     the source's, and never when the source failed; a failed sink lets the source finish alone."""
-    if completed_stats(source, unit, store) is not None or completed_stats(sink, unit, store) is not None:
-        return [execute_unit(source, unit, store), execute_unit(sink, unit, store)]
+    if (produced := completed_stats(source, unit, store)) is not None:
+        return [(produced, True), execute_unit(sink, unit, store)]
+    if (sunk := completed_stats(sink, unit, store)) is not None:
+        return [execute_unit(source, unit, store), (sunk, True)]
     samples: queue.Queue = queue.Queue(maxsize=buffer)
     abandoned = threading.Event()  # the sink failed: nobody reads the queue any more
 
@@ -337,7 +339,8 @@ class StageDoFn(beam.DoFn):
                 for counter, value in stage.counters(stats).items():
                     stage.metrics.count(f"{stage.name}_{counter}", value)
             stage.metrics.count(f"{stage.name}_units_skipped" if skipped else f"{stage.name}_units")
-        yield from stage.downstream(unit, stats)  # the last stage's
+        last_stats, _ = results[-1]
+        yield from self.stages()[-1].downstream(unit, last_stats)
 
     def teardown(self):
         for stage in self.stages():
