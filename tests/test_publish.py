@@ -8,9 +8,11 @@ prefix of one bucket. Kills and faults go through ``tests.faultproxy`` between c
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import pickle
 import posixpath
 import shutil
 import signal
@@ -23,9 +25,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facemllm.pipeline.core.files import write_json_atomic
+from facemllm.pipeline.core.files import sha256_file, write_json_atomic
 from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples, shard_info
-from facemllm.pipeline.core.storage import MIB, Storage, StorageOptions, enable_webdataset_urls
+from facemllm.pipeline.core.storage import (
+    MIB,
+    HashingReader,
+    LocalFileChangedError,
+    Storage,
+    StorageOptions,
+    enable_webdataset_urls,
+)
 from facemllm.pipeline.publishing.layout import (
     CURRENT_MANIFEST,
     read_manifest,
@@ -218,6 +227,48 @@ def test_publish_refuses_a_shard_changed_since_the_run(run_out, dest, tmp_path):
     result = run_cli("publish", str(out), dest, tmp=tmp_path)
     assert result.returncode == 2 and "faces/00003.tar has sha256" in result.stderr
     assert CURRENT_MANIFEST not in stored_objects(dest)
+
+
+def test_a_put_never_records_a_sha256_its_bytes_do_not_have(dest, tmp_path, monkeypatch):
+    """A file that changed after it was listed: the store refuses the request's sha256, and where a
+    store does not check it, the hash taken while sending catches it. Either way nothing is left."""
+    storage = Storage(dest, StorageOptions(**QUIET))
+    local = tmp_path / "shard.tar"
+    local.write_bytes(os.urandom(3 * MIB))
+    listed = sha256_file(local)
+    storage.put(local, "a.tar", listed)
+    assert storage.stat("a.tar") == (3 * MIB, listed) and storage.sha256("a.tar") == listed
+    assert storage._store_checks_sha256  # SeaweedFS echoed the checksum it verified
+    assert pickle.loads(pickle.dumps(storage)).size("a.tar") == 3 * MIB  # workers get a copy
+
+    local.write_bytes(os.urandom(3 * MIB))
+    with pytest.raises(LocalFileChangedError, match="it changed since it was listed"):
+        storage.put(local, "b.tar", listed)  # streamed unhashed: the store's check refuses it
+
+    unchecking = Storage(dest, StorageOptions(**QUIET))
+    client = unchecking._s3_client()
+    send = client.put_object
+    monkeypatch.setattr(client, "put_object", lambda ChecksumSHA256, **request: send(**request))
+    with pytest.raises(LocalFileChangedError, match="it changed since it was listed"):
+        unchecking.put(local, "c.tar", listed)
+    assert not unchecking._store_checks_sha256
+    assert storage.size("b.tar") is None and storage.size("c.tar") is None
+
+
+def test_hashing_reader_hashes_only_one_whole_attempt_read_in_order(tmp_path):
+    data = os.urandom(5000)
+    (tmp_path / "body").write_bytes(data)
+    with (tmp_path / "body").open("rb") as stream:
+        body = HashingReader(stream)
+        assert body.read(1000) == data[:1000] and body.sha256() is None  # not all of it yet
+        body.read()
+        assert body.sha256() == hashlib.sha256(data).hexdigest()
+        body.seek(0)  # a retry starts the hash again
+        assert body.sha256() is None and body.read() == data
+        assert body.sha256() == hashlib.sha256(data).hexdigest()
+        body.seek(10)
+        body.read()  # bytes hashed once but sent twice: the hash no longer vouches for them
+        assert body.sha256() is None
 
 
 def test_verify_names_tampered_and_missing_shards(run_out, dest, tmp_path):

@@ -14,9 +14,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+if TYPE_CHECKING:  # pyarrow is imported where parquet is written: publish and verify never need it
+    import pyarrow as pa
 
 CACHE_ENV = "FACEMLLM_CACHE"
 TEMPORARY_GLOB = ".*.tmp-*"
@@ -68,6 +69,9 @@ def write_json_atomic(final: Path, obj: object) -> None:
 
 
 def write_parquet_atomic(final: Path, rows: list[dict] | pa.Table, schema: pa.Schema | None = None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=schema)
     with atomic_path(final) as tmp:
         pq.write_table(table, tmp)

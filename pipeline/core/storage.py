@@ -11,14 +11,16 @@ multipart and credentials are decided in one place:
   request fails at once.
 - uploads record the file's sha256 in the object's metadata (S3), so a resumed upload skips an
   object when one HEAD shows the right size and sha256; where a store keeps no such metadata, the
-  object is read back and hashed instead. Files of two multipart chunks or more go up as
-  multipart uploads.
+  object is read back and hashed instead. A smaller file is streamed from disk in one request
+  that carries its sha256 for the store to check (S3's ``x-amz-checksum-sha256``); files of two
+  multipart chunks or more go up as multipart uploads.
 - object stores have no rename, but a single put (or a completed multipart upload) appears whole
   or not at all; so a unit of work is made visible by uploading its completion marker last.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib
 import json
@@ -26,6 +28,7 @@ import logging
 import os
 import random
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -146,6 +149,15 @@ class Storage:
         )
         self.root = root_path.rstrip("/")
         self._real_root = None if is_remote(self.root_url) else os.path.realpath(self.root or "/")
+        self._client = None  # botocore's, for streamed puts: made on first use
+        self._store_checks_sha256 = False  # learned from the first streamed put's reply
+        self._client_lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_client": None, "_client_lock": None}  # a client stays in its process
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _client_lock=threading.Lock())
 
     def path(self, rel: str) -> str:
         """The filesystem path of ``rel``, refused when it would leave the root."""
@@ -263,27 +275,78 @@ class Storage:
     def put(self, local: Path, rel: str, sha256: str) -> None:
         """Upload ``local`` to ``rel``, overwriting, with its sha256 in the object's metadata (S3).
 
-        The bytes sent are hashed on the way and must match ``sha256`` (a ``LocalFileChangedError``
-        otherwise), so a recorded sha256 is always the object's. A file below two multipart chunks
-        is read once, hashed and sent from memory; a larger one is hashed, then sent in parts. Each
-        request carries a checksum of its body (botocore's default) for the store to check.
+        The bytes sent must have ``sha256`` (a ``LocalFileChangedError`` otherwise, and nothing is
+        left at ``rel``), so a recorded sha256 is always the object's. On S3 a file below two
+        multipart chunks is streamed from disk in one request that carries its sha256 for the store
+        to check, and is hashed on the way for a store that does not; a larger one is hashed, then
+        sent in parts.
         """
         s3 = self.protocol in S3_PROTOCOLS
         if s3 and local.stat().st_size < 2 * self.options.multipart_chunk_bytes:
-            payload = local.read_bytes()
-            _check_sha256(local, hashlib.sha256(payload).hexdigest(), sha256)
-            send = partial(self.fs.pipe_file, self.path(rel), payload, Metadata={SHA256_METADATA_KEY: sha256})
+            self.retrying(
+                f"upload {local} -> {self.url(rel)}", partial(self._put_streamed, local, rel, sha256)
+            )
+            return
+        _check_sha256(local, sha256_file(local), sha256)
+        if not is_remote(self.root_url):
+            send = partial(_copy_atomic, local, Path(self.path(rel)))
         else:
-            _check_sha256(local, sha256_file(local), sha256)
-            if not is_remote(self.root_url):
-                send = partial(_copy_atomic, local, Path(self.path(rel)))
-            else:
-                options = {
-                    "Metadata": {SHA256_METADATA_KEY: sha256},
-                    "chunksize": self.options.multipart_chunk_bytes,
-                }
-                send = partial(self.fs.put_file, str(local), self.path(rel), **(options if s3 else {}))
+            options = {
+                "Metadata": {SHA256_METADATA_KEY: sha256},
+                "chunksize": self.options.multipart_chunk_bytes,
+            }
+            send = partial(self.fs.put_file, str(local), self.path(rel), **(options if s3 else {}))
         self.retrying(f"upload {local} -> {self.url(rel)}", send)
+
+    def _put_streamed(self, local: Path, rel: str, sha256: str) -> None:
+        """One ``put_object`` streamed from ``local`` (s3fs would read it into memory).
+
+        The request carries the sha256 for the store to check. Until the store has shown that it
+        checks (S3 echoes the checksum it verified), the bytes are also hashed on the way and
+        checked here; where the store does not, an object with other bytes is removed again.
+        """
+        bucket, key, _ = self.fs.split_path(self.path(rel))
+        checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+        with local.open("rb") as stream:
+            body = stream if self._store_checks_sha256 else HashingReader(stream)
+            try:
+                reply = self._s3_client().put_object(
+                    Bucket=bucket,
+                    Key=key,
+                    Body=body,
+                    ContentLength=os.fstat(stream.fileno()).st_size,
+                    ChecksumSHA256=checksum,
+                    Metadata={SHA256_METADATA_KEY: sha256},
+                )
+            except Exception as err:
+                if getattr(err, "response", {}).get("Error", {}).get("Code") == "BadDigest":
+                    _check_sha256(local, sha256_file(local), sha256)  # refused: the file changed?
+                raise
+        if reply.get("ChecksumSHA256") == checksum:
+            self._store_checks_sha256 = True
+            return
+        sent = body.sha256() if isinstance(body, HashingReader) else self.sha256(rel)
+        if sent != sha256:
+            self.retrying(f"remove {self.url(rel)}", lambda: self.fs.rm_file(self.path(rel)))
+            _check_sha256(local, str(sent), sha256)
+
+    def _s3_client(self):
+        """botocore's S3 client for this store, made once. It shares s3fs's session loader, so the
+        S3 service model is parsed once; same endpoint, same credential chain."""
+        with self._client_lock:
+            if self._client is None:
+                import botocore.session
+                from botocore.config import Config
+
+                session = botocore.session.Session()
+                self.fs.connect()
+                session.register_component("data_loader", self.fs.session.get_component("data_loader"))
+                self._client = session.create_client(
+                    "s3",
+                    endpoint_url=self.options.resolved_endpoint(),
+                    config=Config(max_pool_connections=max(10, 2 * self.options.parallel)),
+                )
+            return self._client
 
     def upload(self, local: Path, rel: str, sha256: str | None = None) -> bool:
         """Put ``local`` at ``rel`` unless it is already there with the same bytes; True if it was put."""
@@ -341,6 +404,47 @@ class Storage:
                     results[index] = future.result()
                     bar.update(weight(jobs[index]))
         return [results[index] for index in range(len(jobs))]
+
+
+class HashingReader:
+    """A request body that hashes the bytes as they are read, for a check after they were sent.
+
+    A retry rewinds to the start, which starts the hash again; ``sha256()`` is that of the bytes
+    the last attempt read from start to end, or None when it read them out of order or not all.
+    """
+
+    def __init__(self, stream: IO[bytes]):
+        self._stream = stream
+        self._size = os.fstat(stream.fileno()).st_size
+        self._position = 0
+        self._restart()
+
+    def _restart(self) -> None:
+        self._hasher = hashlib.sha256()
+        self._hashed = 0
+        self._in_order = True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        if self._position == self._hashed:
+            self._hasher.update(data)
+            self._hashed += len(data)
+        elif data:
+            self._in_order = False  # bytes hashed once but sent twice, or never hashed
+        self._position += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._position = self._stream.seek(offset, whence)
+        if self._position == 0:
+            self._restart()
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def sha256(self) -> str | None:
+        return self._hasher.hexdigest() if self._in_order and self._hashed == self._size else None
 
 
 class LocalFileChangedError(ValueError):

@@ -28,6 +28,7 @@ from facemllm.pipeline.core.storage import Storage, StorageOptions, checked_rela
 from facemllm.schemas import PublishedManifest, RunManifest, ShardInfo
 
 CURRENT_MANIFEST = "manifest.json"
+REPORT_DATA = "report.json"  # a run's report data, published as ``report_data_name(version)``
 VERSION_FOLDER = re.compile(r"v\d+")
 
 # --- names -------------------------------------------------------------------------------------

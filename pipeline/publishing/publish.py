@@ -15,6 +15,7 @@ from pydantic import Field
 from facemllm.pipeline.core.storage import Storage, StorageOptions
 from facemllm.pipeline.publishing.layout import (
     CURRENT_MANIFEST,
+    REPORT_DATA,
     all_shards,
     checked_shards,
     commit_version,
@@ -22,7 +23,6 @@ from facemllm.pipeline.publishing.layout import (
     report_data_name,
     version_manifest_name,
 )
-from facemllm.pipeline.publishing.report import REPORT_DATA
 from facemllm.schemas import PublishedManifest, RunManifest, ShardInfo, StrictModel
 
 

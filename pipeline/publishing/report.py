@@ -32,10 +32,14 @@ from facemllm.pipeline.core.profile import MEASURES, merge_profiles
 from facemllm.pipeline.core.progress import MARKERS
 from facemllm.pipeline.core.shards import iter_tar_samples
 from facemllm.pipeline.core.storage import Storage, StorageOptions
-from facemllm.pipeline.publishing.layout import base_url, manifest_of_version, report_data_name
+from facemllm.pipeline.publishing.layout import (
+    REPORT_DATA,
+    base_url,
+    manifest_of_version,
+    report_data_name,
+)
 from facemllm.schemas import DuplicateExample, DuplicateFace, ReportData, RunManifest
 
-REPORT_DATA = "report.json"
 REPORT_HTML = "report.html"
 PROFILED_STAGES = ("select", "download", "faces", "annotate")  # stages whose markers hold a profile
 DECISIONS = "faces/_dedup/duplicates.parquet"
