@@ -1,4 +1,5 @@
-"""Duplicates across a whole run, with real photos, a real server, SCRFD and Beam's GroupByKey.
+"""Duplicates across a whole run, with real photos, a real server, SCRFD and Beam, the buckets
+shuffled through files in the run store.
 
 The sample serves each photo once and the first photos again under a second url (exact copies),
 plus a rescaled and a recompressed copy of one photo (near copies) and unrelated photos.
@@ -15,6 +16,8 @@ import cv2
 import pyarrow.parquet as pq
 import pytest
 
+from facemllm.pipeline.core.shards import completed_shards
+from facemllm.pipeline.core.storage import RunStore
 from facemllm.pipeline.demo.run import demo_config
 from facemllm.pipeline.demo.sample import build_demo_sample, package_photos
 from facemllm.pipeline.demo.server import SampleServer
@@ -26,8 +29,13 @@ from facemllm.pipeline.stages.dedup import (
     Keepers,
     LinkedFace,
     bucket_keys,
+    bucket_name,
     close_pairs,
     duplicate_rows,
+    face_hashes,
+    partition_links,
+    partition_of,
+    write_bucket_files,
 )
 
 pytestmark = pytest.mark.slow
@@ -162,6 +170,40 @@ def test_exact_and_near_copies_are_found_across_shards_with_stable_keepers(photo
     ]
 
 
+def test_bucket_files_hold_each_face_once_per_bucket_and_any_partition_count_decides_alike(photos, tmp_path):
+    out = tmp_path / "run"
+    decisions = dedup_run(photos, out)[0]
+    config, store, units = DedupConfig(), RunStore(str(out)), completed_shards(out / "faces")
+    folder = out / config.buckets_folder()
+    assert sorted(int(marker.stem) for marker in folder.glob("*.json")) == units
+    stored = []
+    for path in sorted(folder.glob("p*/*.parquet")):
+        for row in pq.read_table(path).to_pylist():
+            assert partition_of(row["bucket"], config.partitions) == int(path.parent.name[1:])
+            stored.append((row["bucket"], row["key"], row["sample_id"], row["phash"], row["shard"]))
+    expected = [
+        (bucket_name(bucket), f.key, f.sample_id, f.phash, f.shard)
+        for unit in units
+        for f in face_hashes(out, unit)
+        for bucket in bucket_keys(f, config.bands)
+    ]
+    assert sorted(stored) == sorted(expected) and len(stored) > 9 * len(decisions)
+
+    written = {path: path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()}
+    for unit in units:  # a rerun: every shard's marker is there
+        write_bucket_files(store, unit, config)
+    assert {path: path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()} == written
+
+    one = DedupConfig(partitions=1)
+    for unit in units:
+        write_bucket_files(store, unit, one)
+    keepers = Keepers()
+    links = keepers.create_accumulator()
+    for link in partition_links(store, 0, one):
+        links = keepers.add_input(links, link)
+    assert keepers.extract_output(links) == decisions
+
+
 def test_flag_annotates_duplicates_and_marks_them(photos, tmp_path):
     decisions, annotations, _ = dedup_run(photos, tmp_path / "flag", "dedup.action=flag")
     by_key = {row["key"]: row for row in annotations}
@@ -170,7 +212,7 @@ def test_flag_annotates_duplicates_and_marks_them(photos, tmp_path):
 
 
 def test_a_face_crosses_the_shuffle_as_a_plain_tuple_in_a_quarter_of_the_bytes():
-    """Every face is in bands + 1 buckets, which the local runner holds in the driver."""
+    """The pairs cross the runner (a local one holds them in its driver) as plain tuples."""
     from apache_beam.coders import FastPrimitivesCoder
 
     hashes = FaceHashes(

@@ -3,12 +3,19 @@
 Between ``faces`` and ``annotate``. Every kept face is hashed twice: its source image's sha256
 (img2dataset records it) with its face index, for exact copies, and the 64-bit perceptual hash of
 its aligned crop (``FaceRecord.quality.phash``), for near copies (resized, recompressed, slightly
-cropped). Candidate pairs come from a Beam ``GroupByKey`` over hash bands: the phash is cut into
-``bands`` slices and faces sharing any slice land in one bucket (a pair within ``bands - 1`` bits
-always shares one; farther pairs usually do), so it works across every shard and worker and
-never holds every hash in one place. Pairs within ``max_distance`` bits are duplicates;
+cropped). Candidate pairs come from buckets over hash bands: the phash is cut into ``bands``
+slices and faces sharing any slice land in one bucket (a pair within ``bands - 1`` bits always
+shares one; farther pairs usually do). Pairs within ``max_distance`` bits are duplicates;
 connected groups keep one face, the one with the lowest SAMPLE_ID (then the lowest key), so the
 keeper never depends on order, workers or reruns.
+
+The buckets are shuffled through files in the run store, not through the runner: each face shard
+writes its bucket entries into ``partitions`` files by a hash of the bucket (``faces/_dedup/
+buckets-b{bands}-p{partitions}/pNNNN/SHARD.parquet``, then ``SHARD.json`` as its completion
+marker), and one task per partition groups its files' entries and pairs each bucket. So it works
+across every shard and worker, holds no more than a partition in one place, and a local runner's
+driver holds none of it (Beam's FnApiRunner keeps a ``GroupByKey``'s data in the driver); only the
+pairs found cross the runner. A rerun reuses the shards' bucket files.
 
 The decisions go to ``faces/_dedup/duplicates.parquet`` (``DuplicateFace``: each duplicate, its keeper, why);
 the annotate stage drops those faces with a ``duplicate`` status naming the keeper, or, with
@@ -20,16 +27,19 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import zlib
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
 import apache_beam as beam
+import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from facemllm.pipeline.core.files import write_parquet_atomic
+from facemllm.pipeline.core.files import write_json_atomic, write_parquet_atomic
 from facemllm.pipeline.core.shards import iter_tar_samples, shard_paths
 from facemllm.pipeline.core.storage import RunStore
 from facemllm.schemas import DuplicateFace, StrictModel
@@ -64,12 +74,23 @@ class DedupConfig(StrictModel):
     max_bucket: int = Field(
         20_000, gt=1, description="a bucket larger than this (a degenerate hash) compares exact phashes only"
     )
+    partitions: int = Field(
+        32,
+        ge=1,
+        le=65_536,
+        description="bucket files per face shard, and tasks that pair them: each task holds about "
+        "(bands + 1) x faces / partitions entries (for 50M faces, 4096)",
+    )
+
+    def buckets_folder(self) -> Path:
+        """Where the face shards' bucket files go; named by what decides their content."""
+        return Path("faces") / "_dedup" / f"buckets-b{self.bands}-p{self.partitions}"
 
 
 class LinkedFace(NamedTuple):
-    """What pairing and grouping need of a face. It crosses the shuffle as a plain tuple, which
-    Beam encodes natively in a few dozen bytes (a dataclass or named tuple is pickled with its
-    class); every face is in ``bands + 1`` buckets, and the local runner holds them in the driver."""
+    """What pairing and grouping need of a face: a row of the bucket files, and in the pairs that
+    cross the runner a plain tuple, which Beam encodes natively in a few dozen bytes (a dataclass
+    or named tuple is pickled with its class)."""
 
     key: str
     sample_id: int | None
@@ -244,31 +265,84 @@ class WriteDecisions(beam.DoFn):
         yield str(DECISIONS)
 
 
+BUCKET_SCHEMA = pa.schema(
+    [
+        ("bucket", pa.string()),
+        ("key", pa.string()),
+        ("sample_id", pa.int64()),
+        ("phash", pa.uint64()),
+        ("shard", pa.int64()),
+    ]
+)
+
+
+def bucket_name(bucket: tuple) -> str:
+    """A bucket as one string (``sha256:HEX:INDEX``, ``band:BAND:VALUE``): none of its parts holds ':'."""
+    return ":".join(str(part) for part in bucket)
+
+
+def partition_of(bucket: str, partitions: int) -> int:
+    """The same partition for a bucket on every worker and run (Python's ``hash`` is salted)."""
+    return zlib.crc32(bucket.encode()) % partitions
+
+
+def write_bucket_files(store: RunStore, unit: int, config: DedupConfig) -> None:
+    """Face shard ``unit``'s bucket entries, one file per partition it has entries in, then the
+    marker; a shard whose marker is already there (a rerun) is left as it is."""
+    folder = store.local / config.buckets_folder()
+    marker = folder / f"{unit:05d}.json"
+    if marker.exists() or store.in_store((config.buckets_folder() / marker.name).as_posix()):
+        return
+    for path in (
+        shard_paths(store.local / "faces", unit)["tar"],
+        shard_paths(store.local / "images", unit)["parquet"],
+    ):
+        store.fetch(path)
+    rows: dict[int, list[dict]] = defaultdict(list)
+    for face in face_hashes(store.local, unit):
+        for bucket in map(bucket_name, bucket_keys(face, config.bands)):
+            rows[partition_of(bucket, config.partitions)].append(
+                {"bucket": bucket, **face.linked()._asdict()}
+            )
+    files = [folder / f"p{partition:04d}" / f"{unit:05d}.parquet" for partition in sorted(rows)]
+    for partition, path in zip(sorted(rows), files, strict=True):
+        write_parquet_atomic(path, rows[partition], BUCKET_SCHEMA)
+    write_json_atomic(marker, {"files": [path.relative_to(folder).as_posix() for path in files]})
+    store.push_completed(marker, *files)
+
+
+def partition_links(store: RunStore, partition: int, config: DedupConfig) -> Iterator[tuple]:
+    """The links of every bucket in ``partition``, from every face shard's file for it."""
+    pattern = (config.buckets_folder() / f"p{partition:04d}" / "*.parquet").as_posix()
+    paths = store.in_store(pattern) if store.remote is not None else sorted(store.local.glob(pattern))
+    buckets: dict[str, list[LinkedFace]] = defaultdict(list)
+    for path in paths:
+        store.fetch(path)
+        table = pq.read_table(path, schema=BUCKET_SCHEMA)
+        for bucket, *face in zip(*(table[name].to_pylist() for name in BUCKET_SCHEMA.names), strict=True):
+            buckets[bucket].append(LinkedFace(*face))
+    for bucket in sorted(buckets):
+        yield from close_pairs(tuple(bucket.split(":")), buckets.pop(bucket), config)
+
+
 def apply_dedup(face_units: beam.PCollection, out: str, config: DedupConfig) -> beam.pvalue.AsSingleton:
     """The decisions over every face shard in ``face_units``, as a side input whose readiness
     means every decision is written (the annotate stage waits on it)."""
 
-    def hashes(unit: int) -> Iterator[tuple]:
-        store = RunStore(out)
-        for path in (
-            shard_paths(store.local / "faces", unit)["tar"],
-            shard_paths(store.local / "images", unit)["parquet"],
-        ):
-            store.fetch(path)
-        for face in face_hashes(store.local, unit):
-            linked = tuple(face.linked())  # plain tuples across the shuffle (see LinkedFace)
-            for bucket in bucket_keys(face, config.bands):
-                yield bucket, linked
+    def hash_unit(unit: int) -> int:
+        write_bucket_files(RunStore(out), unit, config)
+        return unit
 
-    def links(item: tuple) -> Iterator[tuple]:
-        for a, b, reason, distance in close_pairs(item[0], item[1], config):
-            yield tuple(a), tuple(b), reason, distance
+    def links(partition: int, _every_unit_hashed: list[int]) -> Iterator[tuple]:
+        for a, b, reason, distance in partition_links(RunStore(out), partition, config):
+            yield tuple(a), tuple(b), reason, distance  # plain tuples across the runner (see LinkedFace)
 
+    hashed = face_units | "DedupHashes" >> beam.Map(hash_unit)
     decisions = (
-        face_units
-        | "DedupHashes" >> beam.FlatMap(hashes)
-        | "DedupBuckets" >> beam.GroupByKey()
-        | "DedupPairs" >> beam.FlatMap(links)
+        face_units.pipeline
+        | "DedupPartitions" >> beam.Create(list(range(config.partitions)))
+        | "SpreadDedupPartitions" >> beam.Reshuffle()
+        | "DedupPairs" >> beam.FlatMap(links, beam.pvalue.AsList(hashed))
         | "DedupKeepers" >> beam.CombineGlobally(Keepers())
         | "DedupWrite" >> beam.ParDo(WriteDecisions(out))
     )
