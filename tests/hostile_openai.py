@@ -2,8 +2,8 @@
 
 ``HostileServer(plan)`` answers ``POST /v1/chat/completions``; ``plan`` is a list of behaviour
 names played one per request in order, the last repeated (``["gzip_bomb", "ok"]``: one bomb, then
-good answers). Each request is recorded (``requests``: behaviour and the Authorization header it
-carried). The behaviours:
+good answers). Each request is recorded (``requests``: behaviour, the Authorization header it
+carried, when it arrived). The behaviours:
 
 - ``ok``: a valid completion whose content is a valid ``FaceResponse``, after ``latency_s``;
 - ``trickle``: a 200 whose body arrives one byte every ``trickle_s`` (never trips a per-read timeout);
@@ -32,6 +32,7 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from functools import cache
@@ -64,6 +65,15 @@ def completion(content: str | None, usage: dict | None = None) -> dict:
 class Seen:
     behaviour: str
     authorization: str | None
+    at: float  # time.monotonic() when the request arrived
+
+
+class ListeningServer(socketserver.ThreadingTCPServer):
+    """socketserver's listen backlog is 5: with 64 clients connecting at once (every answer closes
+    its connection), the kernel drops SYNs and a client retries one a second later. Real servers
+    (uvicorn: 2048) queue them."""
+
+    request_queue_size = 1024
 
 
 class HostileServer:
@@ -79,7 +89,7 @@ class HostileServer:
             gzip_bomb()  # built before any request waits on it
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), self._handler_class())
+        self._server = ListeningServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -102,7 +112,7 @@ class HostileServer:
     def _next(self, authorization: str | None) -> str:
         with self._lock:
             behaviour = self.plan[min(len(self.requests), len(self.plan) - 1)]
-            self.requests.append(Seen(behaviour, authorization))
+            self.requests.append(Seen(behaviour, authorization, time.monotonic()))
             return behaviour
 
     def _handler_class(self):

@@ -159,6 +159,21 @@ def test_stage_writes_a_status_row_for_a_trickling_server(tmp_path):
     assert stats["status"] == {"timeout": 1} and rows[0]["status"] == "timeout"
 
 
+@pytest.mark.timeout(60)
+def test_a_stalled_request_does_not_hold_back_the_faces_after_it(tmp_path):
+    """The answers wait for key order on disk, not in a window of requests: while the first face's
+    request stalls until its timeout, every other face is asked and answered (with a window of
+    4 x concurrency answers written in key order, 8 would have been, then nothing)."""
+    keys = [f"{index:09d}_00" for index in range(40)]
+    face_shard(tmp_path, keys)
+    with HostileServer(["stall_headers", "ok"], ANSWER) as server:
+        stats, rows = run_stage(tmp_path, client_config(server.url, concurrency=2, timeout_s=1.5))
+    arrived = [seen.at - server.requests[0].at for seen in server.requests]
+    assert len(arrived) == len(keys) + 1 and arrived[-1] >= 1.5  # the retry of the stalled request
+    assert max(arrived[:-1]) < 1.5  # every other face was asked while it stalled
+    assert stats["status"] == {"success": len(keys)} and [row["key"] for row in rows] == keys
+
+
 def test_api_key_echoed_by_the_server_never_reaches_the_disk(tmp_path, monkeypatch):
     """Attack 2: error bodies (and captions) that echo the Authorization header."""
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)

@@ -26,7 +26,7 @@ import asyncio
 import gc
 import logging
 import shutil
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -40,6 +40,7 @@ from facemllm.annotators.template_annotator import TemplateAnnotator
 from facemllm.pipeline.core.manifest import shard_stage_manifest
 from facemllm.pipeline.core.profile import ProfileBuilder
 from facemllm.pipeline.core.shards import ShardWriter, completed_shards, iter_tar_samples, write_sizes
+from facemllm.pipeline.core.spill import KeyOrderSpill
 from facemllm.pipeline.runners import RunnerConfig
 from facemllm.pipeline.stages.dedup import BESIDE_FACES, read_decisions
 from facemllm.pipeline.stages.framework import (
@@ -187,6 +188,10 @@ class AnnotateStage(ShardStage):
     async def _annotate_mllm(
         self, shard_id: int, faces: Iterable, writer: ShardWriter, statuses: list
     ) -> dict:
+        """Every face of the shard asked of the server, ``concurrency`` at a time; the answers wait
+        in a ``KeyOrderSpill`` as they come and are written in key order at the end, so a slow or
+        retried request never holds the others back. At most ``4 x concurrency`` faces are read
+        ahead of their answers (their crops in memory)."""
         config = self.config
         annotator: MLLMAnnotator = self.annotator
         cache = RequestCache(self.cache_dir / f"{shard_id:05d}.jsonl" if config.cache else None)
@@ -194,41 +199,47 @@ class AnnotateStage(ShardStage):
         async with ChatClient(self.base_url, config) as client:
             slots = asyncio.Semaphore(config.concurrency)
 
-            async def ask(key: str, image: bytes) -> Outcome:
+            async def ask(key: str, record: FaceRecord, image: bytes) -> tuple:
                 cache_key = annotator.cache_key(image)
                 if (answer := cached_answer(cache, cache_key)) is not None:
-                    return Outcome(
-                        key, "success", answer=answer, latency_s=answer.provenance.latency_s, cached=True
+                    latency_s = answer.provenance.latency_s
+                    return (
+                        key,
+                        record,
+                        image,
+                        Outcome(key, "success", answer=answer, latency_s=latency_s, cached=True),
                     )
                 async with slots:
                     outcome = await annotator.annotate(client, key, image)
                 if outcome.status == "success":
                     cache.put(cache_key, outcome.answer.to_cache())
-                return outcome
+                return key, record, image, outcome
 
-            pending: deque = deque()
+            asked: set[asyncio.Task] = set()
+            with KeyOrderSpill(self.root / self.output_dir) as answered:
 
-            async def write_head() -> None:
-                key, record, image, task = pending.popleft()
-                self._write(writer, statuses, key, record, image, await task)
+                async def keep_answers(until_below: int) -> None:
+                    nonlocal asked
+                    while len(asked) >= max(until_below, 1):
+                        done, asked = await asyncio.wait(asked, return_when=asyncio.FIRST_COMPLETED)
+                        for task in done:
+                            answered.add(task.result()[0], task.result())
 
-            try:
-                for key, sample in faces:
-                    record, image, unsent = self._parse(key, sample)
-                    if unsent is not None:
-                        done = asyncio.get_running_loop().create_future()
-                        done.set_result(unsent)
-                        pending.append((key, record, image, done))
-                    else:
-                        pending.append((key, record, image, asyncio.create_task(ask(key, image))))
-                    while len(pending) >= window:
-                        await write_head()
-                while pending:
-                    await write_head()
-            finally:
-                for *_, task in pending:
-                    task.cancel()
-                cache.close()
+                try:
+                    for key, sample in faces:
+                        record, image, unsent = self._parse(key, sample)
+                        if unsent is not None:
+                            answered.add(key, (key, record, image, unsent))
+                        else:
+                            asked.add(asyncio.create_task(ask(key, record, image)))
+                            await keep_answers(until_below=window)
+                    await keep_answers(until_below=1)
+                finally:
+                    for task in asked:
+                        task.cancel()
+                    cache.close()
+                for answer in answered.in_key_order():
+                    self._write(writer, statuses, *answer)
         return {"requests": client.stats.requests, "retries": dict(sorted(client.stats.retries.items()))}
 
     def _write(self, writer: ShardWriter, statuses: list, key, record, image, outcome: Outcome) -> None:

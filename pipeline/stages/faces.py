@@ -9,10 +9,8 @@ shard N comes from image shard N, so a retried shard rewrites the same file with
 from __future__ import annotations
 
 import json
-import pickle
-import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +18,7 @@ from facemllm.annotators.face_config import FILTER_DROPS, FaceConfig
 from facemllm.pipeline.core.blocklist import Blocklists, BlocklistSource
 from facemllm.pipeline.core.profile import ProfileBuilder
 from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples
+from facemllm.pipeline.core.spill import KeyOrderSpill
 from facemllm.pipeline.stages.framework import ShardStage, StreamingSink, UnitResult
 from facemllm.schemas import FaceRecord, FaceStatus
 
@@ -71,24 +70,13 @@ class FaceStage(ShardStage, StreamingSink):
     def process_stream(self, unit: int, samples: Iterable[tuple[str, bytes, dict]]) -> UnitResult:
         """The images as the download stage writes them, in completion order: each is cropped as it
         comes, the faces written in key order at the end, byte for byte as from the image shard.
-        Until then the crops wait in an anonymous temporary file (a shard of 10,000 images holds
-        hundreds of MB of crops), their offsets in memory."""
-        (self.root / self.output_dir).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=self.root / self.output_dir) as spill:
-            offsets: dict[str, tuple[int, int]] = {}
+        Until then the crops wait in a ``KeyOrderSpill`` (a shard of 10,000 images holds hundreds
+        of MB of crops)."""
+        with KeyOrderSpill(self.root / self.output_dir) as spill:
             for sample in samples:
-                crop = pickle.dumps(self.crop(*sample), protocol=pickle.HIGHEST_PROTOCOL)
-                offsets[sample[0]] = (spill.tell(), len(crop))
-                spill.write(crop)
-
-            def in_key_order() -> Iterator[FaceResult]:
-                for key in sorted(offsets):
-                    offset, size = offsets[key]
-                    spill.seek(offset)
-                    yield pickle.loads(spill.read(size))  # our own file, written above
-
+                spill.add(sample[0], self.crop(*sample))
             with ShardWriter(self.paths(unit)["tar"]) as writer:
-                return self.write_faces(unit, in_key_order(), writer)
+                return self.write_faces(unit, spill.in_key_order(), writer)
 
     def crop(self, source_key: str, image: bytes, meta: dict) -> FaceResult:
         """One image with its download metadata (img2dataset's names) -> its status and faces."""
