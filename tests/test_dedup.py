@@ -144,8 +144,15 @@ def dedup_run(photos: dict[str, Path], out: Path, *overrides: str) -> tuple[list
     return decisions, annotations, sources
 
 
-def test_exact_and_near_copies_are_found_across_shards_with_stable_keepers(photos, tmp_path):
-    decisions, annotations, sources = dedup_run(photos, tmp_path / "one")
+@pytest.fixture(scope="module")
+def default_run(photos, tmp_path_factory) -> tuple[Path, list[dict], list[dict], dict]:
+    """The sample through dedup and annotate with the default settings: (out, decisions, ...)."""
+    out = tmp_path_factory.mktemp("dedup") / "one"
+    return out, *dedup_run(photos, out)
+
+
+def test_exact_and_near_copies_are_found_across_shards_with_stable_keepers(photos, default_run, tmp_path):
+    _, decisions, annotations, sources = default_run
     photo_of = {row["key"]: sources[row["key"].split("_")[0]] for row in decisions}
     keeper_photo = {row["key"]: sources[row["keeper"].split("_")[0]] for row in decisions}
     exact = Counter(photo_of[r["key"]] for r in decisions if r["reason"] == "exact")
@@ -170,9 +177,8 @@ def test_exact_and_near_copies_are_found_across_shards_with_stable_keepers(photo
     ]
 
 
-def test_bucket_files_hold_each_face_once_per_bucket_and_any_partition_count_decides_alike(photos, tmp_path):
-    out = tmp_path / "run"
-    decisions = dedup_run(photos, out)[0]
+def test_bucket_files_hold_each_face_once_per_bucket_and_any_partition_count_decides_alike(default_run):
+    out, decisions, _, _ = default_run
     config, store, units = DedupConfig(), RunStore(str(out)), completed_shards(out / "faces")
     folder = out / config.buckets_folder()
     assert sorted(int(marker.stem) for marker in folder.glob("*.json")) == units
