@@ -16,8 +16,9 @@ manifest. Each side runs in its own fresh child process (``benchmarks._common``)
 
 Both go through botocore of the same version with its default checksum behaviour, and both are
 warmed up first on a one-shard run (client set-up, first connections). MB/s is the shard bytes
-over the wall time of the whole call, and CPU seconds are the client process's; the ratio ours/anchor is the median over ``--repeats`` of
-each repeat's two adjacent runs (alternating which side goes first). Timings are never asserted:
+over the wall time of the whole call, and CPU seconds are the client process's; the ratio
+ours/anchor is the median over ``--repeats`` of each repeat's two adjacent runs (alternating which
+side goes first). Timings are never asserted:
 shared machines drift, only the ratio is meaningful.
 """
 

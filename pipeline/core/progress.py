@@ -120,8 +120,7 @@ class ProgressMonitor:
 
     def markers(self, stage: str) -> list[Path]:
         spec = MARKERS[stage]
-        local = set((self.store.local / spec.folder).glob(spec.pattern))
-        return sorted(local | set(self.store.in_store(f"{spec.folder}/{spec.pattern}")))
+        return self.store.matching(f"{spec.folder}/{spec.pattern}")
 
     def total(self, stage: str) -> int | None:
         """Units a stage will do, as far as known now (select: the inputs; download: the url shards

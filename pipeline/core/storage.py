@@ -520,6 +520,10 @@ class RunStore:
         """Mirror paths of the store's files matching ``pattern`` (relative to ``out``)."""
         return [self.local / rel for rel in self.remote.glob(pattern)] if self.remote is not None else []
 
+    def matching(self, pattern: str) -> list[Path]:
+        """Mirror paths of the files matching ``pattern`` in the mirror or in the store, sorted."""
+        return sorted(set(self.local.glob(pattern)) | set(self.in_store(pattern)))
+
 
 def enable_webdataset_urls(
     options: StorageOptions | None = None, schemes: Sequence[str] = ("s3", "gs", "gcs")

@@ -203,27 +203,25 @@ class AnnotateStage(ShardStage):
                 cache_key = annotator.cache_key(image)
                 if (answer := cached_answer(cache, cache_key)) is not None:
                     latency_s = answer.provenance.latency_s
-                    return (
-                        key,
-                        record,
-                        image,
-                        Outcome(key, "success", answer=answer, latency_s=latency_s, cached=True),
-                    )
-                async with slots:
-                    outcome = await annotator.annotate(client, key, image)
-                if outcome.status == "success":
-                    cache.put(cache_key, outcome.answer.to_cache())
+                    outcome = Outcome(key, "success", answer=answer, latency_s=latency_s, cached=True)
+                else:
+                    async with slots:
+                        outcome = await annotator.annotate(client, key, image)
+                    if outcome.status == "success":
+                        cache.put(cache_key, outcome.answer.to_cache())
                 return key, record, image, outcome
 
             asked: set[asyncio.Task] = set()
             with KeyOrderSpill(self.root / self.output_dir) as answered:
 
-                async def keep_answers(until_below: int) -> None:
+                async def keep_answers(at_most: int) -> None:
+                    """Spill answers as they come until at most ``at_most`` faces wait for one."""
                     nonlocal asked
-                    while len(asked) >= max(until_below, 1):
+                    while len(asked) > at_most:
                         done, asked = await asyncio.wait(asked, return_when=asyncio.FIRST_COMPLETED)
                         for task in done:
-                            answered.add(task.result()[0], task.result())
+                            answer = task.result()
+                            answered.add(answer[0], answer)
 
                 try:
                     for key, sample in faces:
@@ -232,8 +230,8 @@ class AnnotateStage(ShardStage):
                             answered.add(key, (key, record, image, unsent))
                         else:
                             asked.add(asyncio.create_task(ask(key, record, image)))
-                            await keep_answers(until_below=window)
-                    await keep_answers(until_below=1)
+                            await keep_answers(at_most=window - 1)
+                    await keep_answers(at_most=0)
                 finally:
                     for task in asked:
                         task.cancel()

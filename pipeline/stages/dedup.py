@@ -304,19 +304,17 @@ def write_bucket_files(store: RunStore, unit: int, config: DedupConfig) -> None:
             rows[partition_of(bucket, config.partitions)].append(
                 {"bucket": bucket, **face.linked()._asdict()}
             )
-    files = [folder / f"p{partition:04d}" / f"{unit:05d}.parquet" for partition in sorted(rows)]
-    for partition, path in zip(sorted(rows), files, strict=True):
+    files = {partition: folder / f"p{partition:04d}" / f"{unit:05d}.parquet" for partition in sorted(rows)}
+    for partition, path in files.items():
         write_parquet_atomic(path, rows[partition], BUCKET_SCHEMA)
-    write_json_atomic(marker, {"files": [path.relative_to(folder).as_posix() for path in files]})
-    store.push_completed(marker, *files)
+    write_json_atomic(marker, {"files": [path.relative_to(folder).as_posix() for path in files.values()]})
+    store.push_completed(marker, *files.values())
 
 
 def partition_links(store: RunStore, partition: int, config: DedupConfig) -> Iterator[tuple]:
     """The links of every bucket in ``partition``, from every face shard's file for it."""
-    pattern = (config.buckets_folder() / f"p{partition:04d}" / "*.parquet").as_posix()
-    paths = store.in_store(pattern) if store.remote is not None else sorted(store.local.glob(pattern))
     buckets: dict[str, list[LinkedFace]] = defaultdict(list)
-    for path in paths:
+    for path in store.matching((config.buckets_folder() / f"p{partition:04d}" / "*.parquet").as_posix()):
         store.fetch(path)
         table = pq.read_table(path, schema=BUCKET_SCHEMA)
         for bucket, *face in zip(*(table[name].to_pylist() for name in BUCKET_SCHEMA.names), strict=True):
