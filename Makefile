@@ -47,7 +47,7 @@ bench-scale: install vllm
 	$(BIN)/python -m benchmarks.bench_scale
 	$(BIN)/python -m benchmarks.bench_select_ids
 	$(BIN)/python -m benchmarks.bench_publish
-	$(BIN)/python -m benchmarks.bench_annotate --faces 64 --repeats 4 --out benchmarks/results/annotate_vllm.json
+	$(BIN)/python -m benchmarks.bench_annotate --faces 32 --repeats 8 --out benchmarks/results/annotate_vllm.json
 	$(BIN)/python -m benchmarks.bench_annotate --latency-server 0.2 --faces 512 --concurrency 64 \
 		--repeats 4 --out benchmarks/results/annotate_latency.json
 
