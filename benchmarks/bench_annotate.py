@@ -449,7 +449,9 @@ def main(argv: list[str] | None = None) -> dict:
         ],
     )
     print(f"ratio ours/anchor (faces/s, medians): {ratio:.3f}   [goal >= 0.95]")
-    print(f"median of per-repeat ratios: {statistics.median(paired):.3f}; ratio of mean walls: {ratio_of_means:.3f}")
+    print(
+        f"median of per-repeat ratios: {statistics.median(paired):.3f}; ratio of mean walls: {ratio_of_means:.3f}"
+    )
     for side, side_walls in walls.items():
         print(f"  wall s, {side}, sorted: {', '.join(f'{w:.1f}' for w in side_walls)}")
     print(f"  per repeat (adjacent runs): {', '.join(f'{r:.3f}' for r in paired)}")

@@ -5,12 +5,12 @@ and faces as one streamed pair, detection working while downloads wait): units m
 stages as ids, completion markers make a retried bundle or a rerun after a kill skip
 finished units and redo partial ones. A stage not configured reuses the completed output of an
 earlier run. When the pipeline has finished, the driver writes ``sizes.json`` and ``manifest.json``
-(the commit point) from what is on disk, and the LAION-Face QA datasets' manifests.
+(the commit point) from the completion markers, and the LAION-Face QA datasets' manifests.
 
 ``out`` may be an object-store URL: stages then write into a local mirror as usual and the run
 store uploads each finished unit with its completion marker last, fetches inputs and finished
-units that other workers (or an earlier run) left in the store, and the driver uploads the
-manifests last.
+units that other workers (or an earlier run) left in the store, and the driver reads the markers
+from the store (never the shards) and uploads the manifests last.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from facemllm.pipeline.config import RunConfig
 from facemllm.pipeline.core.console import BEAM_LOG, chatter_to_log
 from facemllm.pipeline.core.manifest import SHARD_STAGES, write_run_manifest
 from facemllm.pipeline.core.progress import ProgressMonitor
-from facemllm.pipeline.core.shards import completed_shards, shard_paths
+from facemllm.pipeline.core.shards import STATS_SUFFIX, marker_shard_id, shard_paths
 from facemllm.pipeline.core.storage import RunStore, url_to_fs
 from facemllm.pipeline.publishing.report import REPORT_DATA, write_run_report
 from facemllm.pipeline.runners import beam_pipeline
@@ -53,20 +53,21 @@ def make_stages(config: RunConfig) -> dict[str, Stage]:
     return {name: make() for name, make in factories.items() if name in config.stages}
 
 
-def existing_units(out: Path, stage: str) -> list[int]:
-    """Where a stage starts when the stage before it is not part of this run: that stage's output."""
+def existing_units(store: RunStore, stage: str) -> list[int]:
+    """Where a stage starts when the stage before it is not part of this run: that stage's output
+    (in the mirror or the store)."""
     if stage == "download":
-        return sorted(int(p.stem.split("-")[1]) for p in (out / "urls").glob("part-*.parquet"))
+        return sorted(int(p.stem.split("-")[1]) for p in store.matching("urls/part-*.parquet"))
     previous = {"faces": "images", "annotate": "faces", "laion_face_qa": "annotations"}[stage]
-    return completed_shards(out / previous)
+    return sorted(marker_shard_id(marker) for marker in store.matching(f"{previous}/*{STATS_SUFFIX}"))
 
 
 def build(pipeline: beam.Pipeline, config: RunConfig, stages: dict[str, Stage]) -> None:
-    out = RunStore(config.out).local
+    store = RunStore(config.out)
     units = None
     for name, stage in stages.items():
         if units is None:
-            initial = range(len(stage.metadata_files)) if name == "select" else existing_units(out, name)
+            initial = range(len(stage.metadata_files)) if name == "select" else existing_units(store, name)
             units = pipeline | f"{name}Units" >> beam.Create(list(initial))
         if name == "annotate" and config.dedup.enabled:  # every face shard hashed and grouped first
             written = apply_dedup(units, config.out, config.dedup)
@@ -93,28 +94,18 @@ def check_inputs(config: RunConfig) -> None:
         check_annotate_config(config.annotate)
 
 
-def sync_completed(store: RunStore) -> None:
-    """For an object-store ``out``: bring the store's completed shards into the local mirror and
-    upload the mirror's completed shards the store lacks (driver only; nothing to do for a local out)."""
+def push_completed_units(store: RunStore) -> None:
+    """For an object-store ``out``: upload the units this machine's mirror completed that the store
+    lacks (a worker killed between its marker and its upload). Nothing comes the other way: the
+    driver reads its workers' markers from the store, never their shards."""
     if store.remote is None:
         return
-
-    def unit(marker: Path) -> list[Path]:
-        paths = shard_paths(marker.parent, int(marker.name.split("_")[0]))
-        return [paths["stats"], paths["tar"], paths["parquet"]]
-
-    fetches: list[list[Path]] = []  # a completed unit: its marker, then the files it vouches for
     pushes = []
     for stage in SHARD_STAGES:
-        local = set((store.local / stage).glob("*_stats.json"))
-        remote = set(store.in_store(f"{stage}/*_stats.json"))
-        fetches += [unit(marker) for marker in sorted(remote - local)]
-        pushes += [unit(marker) for marker in sorted(local - remote)]
-    selected = store.in_store("urls/_select-*.json") + store.in_store("urls/part-*.parquet")
-    store.remote.parallel(selected, store.fetch, "fetch selected url shards")
-    store.remote.parallel(
-        fetches, lambda files: store.fetch_completed(files[0], lambda _: files[1:]), "fetch finished shards"
-    )
+        remote = set(store.in_store(f"{stage}/*{STATS_SUFFIX}"))
+        for marker in sorted(set((store.local / stage).glob(f"*{STATS_SUFFIX}")) - remote):
+            paths = shard_paths(marker.parent, marker_shard_id(marker))
+            pushes.append([paths["stats"], paths["tar"], paths["parquet"]])
     store.remote.parallel(pushes, lambda files: store.push_completed(*files), "upload finished shards")
 
 
@@ -131,7 +122,7 @@ def run(config: RunConfig, progress: bool = True):
     out.mkdir(parents=True, exist_ok=True)
     stages = make_stages(config)
     clean_run([stage.bind(out) for stage in stages.values()], run_folder=out)
-    sync_completed(store)  # a resumed run sees what the store already holds
+    push_completed_units(store)  # a resumed run's workers find them in the store
     if "select" in stages:
         stages["select"].prepare(store)  # the id index, once, before any select worker
     inputs = len(stages["select"].metadata_files) if "select" in stages else 0
@@ -142,14 +133,14 @@ def run(config: RunConfig, progress: bool = True):
     ):
         build(pipeline, config, stages)
     clean_run(stages.values(), run_folder=out)
-    sync_completed(store)  # the manifest is built from every worker's shards
+    push_completed_units(store)  # the manifest is built from the markers in the store
     pushed = []
     if "laion_face_qa" in stages:
         qa = stages["laion_face_qa"]
-        finalize_laion_face_qa(qa, existing_units(out, "laion_face_qa"))
+        finalize_laion_face_qa(qa, existing_units(store, "laion_face_qa"), store)
         pushed = sorted(qa.qa_dir.glob("*/*/sizes.json")) + sorted(qa.qa_dir.glob("*/manifest.json"))
-    manifest = write_run_manifest(out, config.config_hash())
-    report = write_run_report(out)
+    manifest = write_run_manifest(store, config.config_hash())
+    report = write_run_report(config.out)
     sizes = sorted(out.glob("*/sizes.json"))
     store.push(
         *pushed, *sizes, out / "sizes.json", out / REPORT_DATA, report, out / "manifest.json"

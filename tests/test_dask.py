@@ -5,6 +5,7 @@ on the S3 server."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -68,13 +69,15 @@ def free_port() -> int:
 
 
 class HandStartedCluster:
-    """``dask scheduler`` and ``dask worker`` processes, as a user starts them on their machines."""
+    """``dask scheduler`` and ``dask worker`` processes, as a user starts them on their machines.
+    ``own_disks``: each worker gets its own staging folder, as on machines that share no disk."""
 
-    def __init__(self, workers: int, folder: Path):
+    def __init__(self, workers: int, folder: Path, own_disks: bool = False):
         self.address = f"tcp://127.0.0.1:{free_port()}"
         self.folder = folder
         self.processes: list[subprocess.Popen] = []
         self.workers = workers
+        self.own_disks = own_disks
 
     def __enter__(self) -> HandStartedCluster:
         dask = str(VENV_BIN / "dask")
@@ -97,6 +100,7 @@ class HandStartedCluster:
                     "--local-directory",
                     str(self.folder / f"worker-{index}"),
                 ],
+                {STAGING_ENV: str(self.folder / f"staging-{index}")} if self.own_disks else {},
             )
         from distributed import Client
 
@@ -104,11 +108,15 @@ class HandStartedCluster:
             client.wait_for_workers(self.workers, timeout=120)
         return self
 
-    def _start(self, command: list[str]) -> None:
+    def _start(self, command: list[str], env: dict | None = None) -> None:
         log = open(self.folder / f"{len(self.processes)}.log", "w")  # noqa: SIM115 - closed with the process
         self.processes.append(
             subprocess.Popen(
-                command, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                env={**subprocess_env(), **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         )
 
@@ -198,30 +206,39 @@ def test_a_worker_killed_mid_run_changes_nothing(served_sample, direct_reference
     assert shard_digests(manifest_of(out)) == shard_digests(direct_reference)
 
 
-def test_inputs_and_output_on_s3_with_a_local_dask_cluster(
+def test_inputs_and_output_on_s3_with_workers_that_share_no_disk(
     served_sample, direct_reference, s3_bucket, tmp_path
 ):
-    """Metadata, id list and out on the S3 server; the run starts its own local cluster of 2 workers."""
+    """Metadata, id list and out on the S3 server; the driver and each of two hand-started workers
+    have their own staging folder, as on separate machines: only the store connects them."""
     _, sample = served_sample
     inputs = Storage(f"{s3_bucket}/dask-inputs", StorageOptions(progress=False))
     inputs.write_bytes("part-00000.parquet", sample.metadata_path.read_bytes())
     inputs.write_bytes("laion_face_ids.pth", sample.face_ids_path.read_bytes())  # the published container
     out = f"{s3_bucket}/dask-run"
-    config = write_config(
-        sample,
-        out,
-        tmp_path,
-        "runner.runner=dask",
-        "runner.dask_workers=2",
-        f'select.metadata=["{s3_bucket}/dask-inputs/part-*.parquet"]',
-        f"select.ids={s3_bucket}/dask-inputs/laion_face_ids.pth",
-    )
-    finish(start_run(config, {STAGING_ENV: str(tmp_path / "mirror")}))
+    with HandStartedCluster(2, tmp_path, own_disks=True) as machines:
+        config = write_config(
+            sample,
+            out,
+            tmp_path,
+            "runner.runner=dask",
+            f"runner.dask_address={machines.address}",
+            f'select.metadata=["{s3_bucket}/dask-inputs/part-*.parquet"]',
+            f"select.ids={s3_bucket}/dask-inputs/laion_face_ids.pth",
+        )
+        finish(start_run(config, {STAGING_ENV: str(tmp_path / "driver-staging")}))
     manifest = RunManifest.model_validate(
         Storage(out, StorageOptions(progress=False)).read_json("manifest.json")
     )
     assert observed_counts(manifest) == expected_counts(sample)
     assert shard_digests(manifest) == shard_digests(direct_reference)
+    driver = tmp_path / "driver-staging"
+    assert not list(driver.glob("*/*/*.tar")), "the driver downloaded shards; it needs only the markers"
+    # the driver's live progress read the workers' markers from the store
+    (log,) = driver.glob("*/logs/progress.jsonl")
+    *units, last = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len([u for u in units if u["stage"] == "faces"]) == len(manifest.stages["faces"].shards)
+    assert last["totals"]["annotate"]["items"] == manifest.stages["faces"].counts["samples"]
 
 
 def _worker_settings() -> tuple[str | None, dict, bool, str]:

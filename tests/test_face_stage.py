@@ -75,7 +75,8 @@ def test_faces_streamed_in_any_order_equal_faces_read_from_the_image_shard(stage
     streamed = FaceStage(FaceConfig()).bind(tmp_path / "streamed")
     streamed.cropper = stage.cropper
     result = streamed.process_stream(5, reversed(samples))  # completion order is any order
-    assert result.stats == from_shard and result.statuses == pq.read_table(stage.status_table(5)).to_pylist()
+    marker = {**result.stats, **streamed.recorded_outputs(5, result)}  # what execute_unit would write
+    assert marker == from_shard and result.statuses == pq.read_table(stage.status_table(5)).to_pylist()
     assert streamed.paths(5)["tar"].read_bytes() == stage.paths(5)["tar"].read_bytes()
     assert [p.name for p in (tmp_path / "streamed" / "faces").iterdir()] == ["00005.tar"]  # no spill left
 

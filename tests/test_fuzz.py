@@ -55,9 +55,8 @@ from facemllm.evaluation.parsing import (
 from facemllm.evaluation.tasks import TASKS, VOCABULARIES, Judgement, judge
 from facemllm.pipeline.config import RunConfig, load_config
 from facemllm.pipeline.core.config import apply_overrides, load_yaml_config
-from facemllm.pipeline.core.storage import Storage, StorageOptions
+from facemllm.pipeline.core.storage import Storage, StorageOptions, read_marker
 from facemllm.pipeline.publishing.layout import read_manifest
-from facemllm.pipeline.stages.framework import read_marker
 from facemllm.pipeline.stages.reformat import ReformatConfig
 from facemllm.pipeline.stages.select import load_sample_ids
 from facemllm.reformatters.celeba import LAYOUTS as CELEBA_LAYOUTS

@@ -1,28 +1,30 @@
-"""``manifest.json`` and ``sizes.json``: the commit point of a run, built from what is on disk.
+"""``manifest.json`` and ``sizes.json``: the commit point of a run, built from the completion markers.
 
 Only completed shards (those with a stats file, the completion marker) are listed, so a reader of
-the manifest never sees a half-written shard. Everything in it is derived from shard bytes and
-status tables, never from timing, so an interrupted-and-resumed run and an uninterrupted one give
-the same manifest.
+the manifest never sees a half-written shard. Each marker records its shard's sha256, samples and
+bytes and its status counts (``shard_record``, taken by the worker that wrote the shard), so the
+driver reads markers only: it never downloads or rereads the shards, which at LAION-Face scale are
+terabytes on other machines. Everything in it is derived from shard bytes and status rows, never
+from timing, so an interrupted-and-resumed run and an uninterrupted one give the same manifest.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
-import pyarrow.parquet as pq
+import pyarrow as pa
 
 from facemllm.pipeline.core.files import write_json_atomic
 from facemllm.pipeline.core.shards import (
-    completed_shards,
+    STATS_SUFFIX,
     count_tar_keys,
+    marker_shard_id,
     shard_info,
-    shard_paths,
     write_sizes,
 )
+from facemllm.pipeline.core.storage import RunStore
 from facemllm.schemas import RunManifest, ShardInfo, ShardManifest
 
 TRACKED_PACKAGES = (
@@ -39,16 +41,41 @@ TRACKED_PACKAGES = (
 SHARD_STAGES = ("images", "faces", "annotations")
 
 
-def shard_stage_manifest(out: Path, stage: str) -> ShardManifest:
-    stage_dir = out / stage
+SHARD_RECORD = "shard"  # in a shard stage's marker: the shard's sha256, nsamples and bytes
+STATUS_COUNTS = "status_counts"  # in a shard stage's marker: its status rows counted by status
+
+
+def shard_record(tar: Path, statuses: list[dict] | pa.Table | None) -> dict:
+    """What a shard stage's completion marker records for the manifest, taken by the worker that
+    just wrote the shard (its bytes still in the page cache)."""
+    info = shard_info(tar, count_tar_keys(tar), url=tar.name)
+    if statuses is None:
+        values = []
+    elif isinstance(statuses, pa.Table):
+        values = statuses["status"].to_pylist()
+    else:
+        values = [row["status"] for row in statuses]
+    return {
+        SHARD_RECORD: info.model_dump(include={"sha256", "nsamples", "bytes"}),
+        STATUS_COUNTS: dict(sorted(Counter(values).items())),
+    }
+
+
+def shard_stage_manifest(store: RunStore, stage: str) -> ShardManifest:
+    """A shard stage's folder (``stage``, relative to the run) from its completion markers, in the
+    mirror or the store."""
+    markers = store.matching(f"{stage}/*{STATS_SUFFIX}")
     shards: list[ShardInfo] = []
     counts: Counter[str] = Counter()
-    for shard_id in completed_shards(stage_dir):
-        paths = shard_paths(stage_dir, shard_id)
-        tar = paths["tar"]
-        shards.append(shard_info(tar, count_tar_keys(tar), url=f"{stage}/{tar.name}"))
-        status = pq.read_table(paths["parquet"], columns=["status"])
-        counts.update(status["status"].to_pylist())
+    for marker in sorted(markers, key=marker_shard_id):
+        stats = store.read_marker(marker) or {}
+        if SHARD_RECORD not in stats:
+            raise ValueError(
+                f"{stage}/{marker.name} records no shard (a marker from before facemllm recorded "
+                "them): rerun that stage so its markers are current"
+            )
+        shards.append(ShardInfo(url=f"{stage}/{marker_shard_id(marker):05d}.tar", **stats[SHARD_RECORD]))
+        counts.update(stats[STATUS_COUNTS])
     counts["samples"] = sum(s.nsamples for s in shards)
     return ShardManifest(stage=stage, shards=shards, counts=dict(sorted(counts.items())))
 
@@ -76,10 +103,10 @@ def write_dataset_manifest(
     return manifest
 
 
-def select_manifest(out: Path) -> ShardManifest:
+def select_manifest(store: RunStore) -> ShardManifest:
     counts: Counter[str] = Counter()
-    for marker in sorted((out / "urls").glob("_select-*.json")):
-        counts.update(json.loads(marker.read_text())["counts"])
+    for marker in store.matching("urls/_select-*.json"):
+        counts.update((store.read_marker(marker) or {})["counts"])
     return ShardManifest(stage="urls", shards=[], counts=dict(sorted(counts.items())))
 
 
@@ -93,12 +120,15 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def write_run_manifest(out: Path, config_hash: str) -> RunManifest:
-    stages = {"urls": select_manifest(out)}
+def write_run_manifest(store: RunStore, config_hash: str) -> RunManifest:
+    """The run's ``manifest.json`` and the ``sizes.json`` files in the mirror (pushed by the caller)."""
+    out = store.local
+    stages = {"urls": select_manifest(store)}
     for stage in SHARD_STAGES:
-        if (out / stage).is_dir():
-            stages[stage] = shard_stage_manifest(out, stage)
-            write_sizes(out / stage, stages[stage].shards)
+        manifest = shard_stage_manifest(store, stage)
+        if manifest.shards or (out / stage).is_dir():
+            stages[stage] = manifest
+            write_sizes(out / stage, manifest.shards)
     manifest = RunManifest(config_hash=config_hash, package_versions=package_versions(), stages=stages)
     write_json_atomic(out / "sizes.json", {s.url: s.nsamples for m in stages.values() for s in m.shards})
     write_json_atomic(out / "manifest.json", manifest.model_dump(mode="json"))  # commit point, last

@@ -134,19 +134,21 @@ class ProgressMonitor:
         return (
             len(self.progress[before].done)
             if before != "select"
-            else len(list((self.store.local / "urls").glob("part-*.parquet"))) or None
+            else len(self.store.matching("urls/part-*.parquet")) or None
         )
 
     def poll(self) -> None:
         for stage in self.stages:
             spec, progress = MARKERS[stage], self.progress[stage]
             for marker in self.markers(stage):
-                if marker.name in progress.done or not marker.exists():
+                if marker.name in progress.done:
                     continue
                 try:
-                    stats = json.loads(marker.read_bytes())
-                except ValueError:
-                    continue  # an upload seen half-way; read again next time
+                    stats = self.store.read_marker(marker)  # from the store when another machine wrote it
+                except (OSError, ValueError):
+                    continue  # a file seen half-way, or the store did not answer: read again next time
+                if stats is None:
+                    continue
                 progress.done.add(marker.name)
                 progress.items += _value(stats, spec.items)
                 progress.failures += sum(_value(stats, name) for name in spec.failures)

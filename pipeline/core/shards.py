@@ -228,9 +228,14 @@ def shard_paths(folder: Path, shard_id: int) -> dict[str, Path]:
     }
 
 
+def marker_shard_id(marker: Path) -> int:
+    """The shard id of a completion marker ``NNNNN_stats.json``."""
+    return int(marker.name.removesuffix(STATS_SUFFIX))
+
+
 def completed_shards(folder: Path) -> list[int]:
     """Shard ids in ``folder`` that have a completion marker, sorted."""
-    return sorted(int(p.name.removesuffix(STATS_SUFFIX)) for p in Path(folder).glob(f"*{STATS_SUFFIX}"))
+    return sorted(marker_shard_id(p) for p in Path(folder).glob(f"*{STATS_SUFFIX}"))
 
 
 def count_tar_keys(path: Path) -> int:

@@ -463,6 +463,20 @@ def _copy_atomic(source: Path, final: Path) -> None:
         shutil.copyfile(source, tmp)
 
 
+def parse_marker(content: bytes, name: str) -> dict:
+    """A completion marker's content; ``ValueError`` naming the file for one that is not a JSON
+    object (pydantic's parser: deep nesting is an error, not a crash)."""
+    parsed = from_json(content)
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{name}: a completion marker must be a JSON object")
+    return parsed
+
+
+def read_marker(marker: Path) -> dict | None:
+    """A local completion marker's content, None when there is none."""
+    return parse_marker(marker.read_bytes(), str(marker)) if marker.exists() else None
+
+
 def local_folder(out: str) -> Path:
     """Where a run's stages write: ``out`` itself, or for an object-store URL its local mirror
     (``$FACEMLLM_STAGING``, else the cache folder's ``staging/``, one subfolder per URL)."""
@@ -523,6 +537,14 @@ class RunStore:
     def matching(self, pattern: str) -> list[Path]:
         """Mirror paths of the files matching ``pattern`` in the mirror or in the store, sorted."""
         return sorted(set(self.local.glob(pattern)) | set(self.in_store(pattern)))
+
+    def read_marker(self, marker: Path) -> dict | None:
+        """A completion marker's content from the mirror, else from the store (not copied into the
+        mirror, whose markers vouch for files there): what the driver reads of its workers' units
+        when they ran on other machines. None when neither holds it."""
+        if marker.exists() or self.remote is None or not self.remote.exists(self._rel(marker)):
+            return read_marker(marker)
+        return parse_marker(self.remote.read_bytes(self._rel(marker)), self._rel(marker))
 
 
 def enable_webdataset_urls(

@@ -31,7 +31,7 @@ from facemllm.pipeline.core.manifest import summary_rows
 from facemllm.pipeline.core.profile import MEASURES, merge_profiles
 from facemllm.pipeline.core.progress import MARKERS
 from facemllm.pipeline.core.shards import iter_tar_samples
-from facemllm.pipeline.core.storage import Storage, StorageOptions
+from facemllm.pipeline.core.storage import RunStore, Storage, StorageOptions
 from facemllm.pipeline.publishing.layout import (
     REPORT_DATA,
     base_url,
@@ -80,17 +80,19 @@ def _rank(text: str) -> bytes:
 # --- the data --------------------------------------------------------------------------------------
 
 
-def collect_report_data(out: Path) -> ReportData:
-    """Merge every stage's per-shard profile under ``out`` and summarize the dedup decisions."""
+def collect_report_data(store: RunStore) -> ReportData:
+    """Merge every stage's per-shard profile (from the markers, in the mirror or the store) and
+    summarize the dedup decisions."""
     profiles = []
     for stage in PROFILED_STAGES:
-        for marker in sorted(out.glob(f"{MARKERS[stage].folder}/{MARKERS[stage].pattern}")):
-            content = from_json(marker.read_bytes())
-            profiles.append(content.get("profile") if isinstance(content, dict) else None)
+        for marker in store.matching(f"{MARKERS[stage].folder}/{MARKERS[stage].pattern}"):
+            profiles.append((store.read_marker(marker) or {}).get("profile"))
     duplicates: dict[str, int] = {}
     examples: list[DuplicateExample] = []
-    if (out / DECISIONS).exists():  # columns in Arrow; records only for the groups shown
-        table = pq.read_table(out / DECISIONS)
+    decisions = store.local / DECISIONS
+    if store.matching(DECISIONS):  # columns in Arrow; records only for the groups shown
+        store.fetch(decisions)
+        table = pq.read_table(decisions)
         counts = pc.value_counts(table["reason"]).to_pylist()
         duplicates = {entry["values"]: entry["counts"] for entry in counts}
         keepers = heapq.nsmallest(DUPLICATE_GROUPS, pc.unique(table["keeper"]).to_pylist(), key=_rank)
@@ -358,15 +360,16 @@ def _duplicates(data: ReportData, reader: ShardReader) -> str:
 # --- entry points ----------------------------------------------------------------------------------
 
 
-def write_run_report(out: Path) -> Path:
-    """``OUT/report.json`` and ``OUT/report.html`` for a finished run (the manifest is written)."""
-    out = Path(out)
+def write_run_report(out: str | Path) -> Path:
+    """``OUT/report.json`` and ``OUT/report.html`` for a finished run whose manifest is written,
+    in the run's folder (its mirror for an object-store ``out``, the faces shown read from the store)."""
+    store = RunStore(str(out))
+    out = store.local
     manifest = RunManifest.model_validate_json((out / "manifest.json").read_bytes())
-    data = collect_report_data(out)
+    data = collect_report_data(store)
     write_json_atomic(out / REPORT_DATA, data.model_dump(mode="json"))
-    page = render_report(
-        f"facemllm run report: {out.name}", manifest, data, ShardReader(Storage(out), manifest)
-    )
+    shards = store.remote or Storage(str(out))
+    page = render_report(f"facemllm run report: {out.name}", manifest, data, ShardReader(shards, manifest))
     write_bytes_atomic(out / REPORT_HTML, page.encode())
     return out / REPORT_HTML
 

@@ -41,6 +41,7 @@ from facemllm.pipeline.core.manifest import shard_stage_manifest
 from facemllm.pipeline.core.profile import ProfileBuilder
 from facemllm.pipeline.core.shards import ShardWriter, completed_shards, iter_tar_samples, write_sizes
 from facemllm.pipeline.core.spill import KeyOrderSpill
+from facemllm.pipeline.core.storage import RunStore
 from facemllm.pipeline.runners import RunnerConfig
 from facemllm.pipeline.stages.dedup import BESIDE_FACES, read_decisions
 from facemllm.pipeline.stages.framework import (
@@ -436,6 +437,6 @@ def run_annotate(
         runner,
         "Annotate",
     )
-    manifest = shard_stage_manifest(annotations_dir.parent, annotations_dir.name)
+    manifest = shard_stage_manifest(RunStore(str(annotations_dir.parent)), annotations_dir.name)
     write_sizes(annotations_dir, manifest.shards)
     return manifest

@@ -34,11 +34,11 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 from pydantic import BaseModel
-from pydantic_core import from_json
 
 from facemllm.pipeline.core.files import remove_stale_temporaries, write_json_atomic, write_parquet_atomic
+from facemllm.pipeline.core.manifest import SHARD_RECORD, shard_record
 from facemllm.pipeline.core.shards import ShardWriter, shard_paths
-from facemllm.pipeline.core.storage import RunStore
+from facemllm.pipeline.core.storage import RunStore, read_marker
 from facemllm.pipeline.runners import IN_PROCESS_WORKER, RunnerConfig, beam_pipeline
 from facemllm.schemas.tables import arrow_schema
 
@@ -119,6 +119,11 @@ class Stage(ABC):
         """Whether a completed unit was made with this configuration (else it is redone)."""
         return True
 
+    def recorded_outputs(self, unit: int, result: UnitResult) -> dict:
+        """What the completion marker records about the unit's outputs besides the stage's stats,
+        for readers that must not open the outputs themselves (default: nothing)."""
+        return {}
+
     @abstractmethod
     def process(self, unit: int) -> UnitResult:
         """Do the unit's work: write its data files atomically, return its stats and status rows."""
@@ -174,6 +179,14 @@ class ShardOutputStage(Stage):
     def outputs(self, unit: int, stats: dict) -> list[Path]:
         return [self.paths(unit)["tar"], self.status_table(unit)]
 
+    def recorded_outputs(self, unit: int, result: UnitResult) -> dict:
+        """The shard's sha256, samples and bytes and its status counts: the run manifest is built
+        from the markers alone."""
+        return shard_record(self.paths(unit)["tar"], result.statuses)
+
+    def is_current(self, stats: dict) -> bool:
+        return SHARD_RECORD in stats  # a marker from before shards were recorded is redone
+
 
 class ShardStage(ShardOutputStage):
     """The common shape: shard N of ``input_dir`` -> shard N of ``output_dir``, its samples
@@ -194,17 +207,6 @@ class ShardStage(ShardOutputStage):
     @abstractmethod
     def process_shard(self, unit: int, source: Path, writer: ShardWriter) -> UnitResult:
         """Read ``source``, add this shard's samples to ``writer`` in key order."""
-
-
-def read_marker(marker: Path) -> dict | None:
-    """A completion marker's content, None when there is none; ``ValueError`` naming the file for
-    one that is not a JSON object (pydantic's parser: deep nesting is an error, not a crash)."""
-    if not marker.exists():
-        return None
-    content = from_json(marker.read_bytes())
-    if not isinstance(content, dict):
-        raise ValueError(f"{marker}: a completion marker must be a JSON object")
-    return content
 
 
 def completed_stats(stage: Stage, unit: int, store: RunStore | None = None) -> dict | None:
@@ -236,10 +238,11 @@ def execute_unit(
     if table is not None:
         schema = arrow_schema(stage.status_record) if stage.status_record is not None else None
         write_parquet_atomic(table, result.statuses, schema)
-    write_json_atomic(marker, result.stats)  # the completion marker, last
+    stats = {**result.stats, **stage.recorded_outputs(unit, result)}
+    write_json_atomic(marker, stats)  # the completion marker, last
     if store is not None:
-        store.push_completed(marker, *stage.outputs(unit, result.stats))
-    return result.stats, False
+        store.push_completed(marker, *stage.outputs(unit, stats))
+    return stats, False
 
 
 class StreamingSource(Stage):

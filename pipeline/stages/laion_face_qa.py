@@ -33,8 +33,9 @@ from facemllm.pipeline.core.shards import (
     shard_info,
     shard_paths,
 )
+from facemllm.pipeline.core.storage import RunStore
 from facemllm.pipeline.runners import RunnerConfig
-from facemllm.pipeline.stages.framework import Stage, UnitResult, read_marker, run_stage_on_folders
+from facemllm.pipeline.stages.framework import Stage, UnitResult, run_stage_on_folders
 from facemllm.reformatters.laion_face import (
     CAPTION_DATASET,
     VQA_DATASET,
@@ -152,15 +153,16 @@ class LaionFaceQAStage(Stage):
         return {"captions": stats["captions"], "questions": stats["questions"], **stats["status"]}
 
 
-def finalize(stage: LaionFaceQAStage, units: list[int]) -> dict[str, RunManifest]:
-    """Per dataset: sizes per split, then ``manifest.json`` (the commit point), from the markers."""
+def finalize(stage: LaionFaceQAStage, units: list[int], store: RunStore) -> dict[str, RunManifest]:
+    """Per dataset: sizes per split, then ``manifest.json`` (the commit point), from the markers
+    (read from the run store where the workers' mirrors are not this one)."""
     shards: dict[str, dict[str, list[ShardInfo]]] = {
         CAPTION_DATASET: defaultdict(list),
         VQA_DATASET: defaultdict(list),
     }
     status: Counter[str] = Counter()
     for unit in units:
-        stats = read_marker(stage.marker(unit))
+        stats = store.read_marker(stage.marker(unit))
         if stats is None or not stage.is_current(stats):
             raise RuntimeError(f"LAION-Face QA shard {unit} did not complete; rerun to finish it")
         status.update({"faces": stats["faces"], **stats["status"]})
@@ -194,7 +196,7 @@ def run_laion_face_qa(
         runner,
         "LaionFaceQA",
     )
-    return finalize(stage, units)
+    return finalize(stage, units, RunStore(str(out)))
 
 
 def summary(manifests: dict[str, RunManifest]) -> dict:

@@ -30,8 +30,9 @@ from facemllm.pipeline.core.config import hash_config, load_yaml_config
 from facemllm.pipeline.core.files import write_bytes_atomic, write_json_atomic, write_parquet_atomic
 from facemllm.pipeline.core.manifest import write_dataset_manifest
 from facemllm.pipeline.core.shards import ShardWriter, shard_info, shard_paths
+from facemllm.pipeline.core.storage import read_marker
 from facemllm.pipeline.runners import RunnerConfig
-from facemllm.pipeline.stages.framework import Stage, UnitResult, read_marker, run_stage
+from facemllm.pipeline.stages.framework import Stage, UnitResult, run_stage
 from facemllm.reformatters import DatasetReformatter, QAConfig, make_reformatter
 from facemllm.reformatters.base import ImageLoad, ImageLoader, RowRejected
 from facemllm.schemas import (
