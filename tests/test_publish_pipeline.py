@@ -1,5 +1,6 @@
 """The Beam pipeline writing straight to an object-store URL (a real SeaweedFS server), killed and
-resumed on a fresh local mirror (as another machine would), then a removal on what it wrote."""
+resumed on a fresh local mirror (as another machine would), then a removal on what it wrote; and
+the executor keeping each worker's mirror and the store in agreement, one unit at a time."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from facemllm.pipeline.core.shards import iter_tar_samples
-from facemllm.pipeline.core.storage import STAGING_ENV, Storage, StorageOptions, local_folder
+from facemllm.pipeline.core.shards import ShardWriter, iter_tar_samples
+from facemllm.pipeline.core.storage import STAGING_ENV, RunStore, Storage, StorageOptions, local_folder
 from facemllm.pipeline.demo.run import demo_config, expected_counts, observed_counts
 from facemllm.pipeline.publishing.remove import RemovalRequest, remove
 from facemllm.pipeline.publishing.verify import verify
+from facemllm.pipeline.stages.framework import ShardOutputStage, UnitResult, execute_unit
 from facemllm.schemas import PublishedManifest, RunManifest
 from tests.conftest import subprocess_env
 
@@ -87,3 +89,46 @@ def test_run_straight_to_s3_killed_and_resumed_on_a_fresh_mirror(
         report.removed["faces"]
     )
     assert verify(out, QUIET).ok and verify(out, QUIET, version=1).ok
+
+
+class VersionedShards(ShardOutputStage):
+    """Unit N writes one sample saying which ``version`` of the setting made it; a unit made with
+    another version is not current (as with a changed config)."""
+
+    name = "versioned"
+    output_dir = "versioned"
+
+    def __init__(self, version: int):
+        self.version = version
+
+    def is_current(self, stats: dict) -> bool:
+        return super().is_current(stats) and stats["version"] == self.version
+
+    def process(self, unit: int) -> UnitResult:
+        with ShardWriter(self.paths(unit)["tar"]) as writer:
+            writer.add(f"{unit:05d}0000", {"txt": f"version {self.version}".encode()})
+        return UnitResult({"version": self.version}, [{"key": f"{unit:05d}0000", "status": "success"}])
+
+
+def test_a_unit_only_a_mirror_holds_is_uploaded_and_a_redone_unit_replaces_a_stale_one(
+    s3_bucket, tmp_path, monkeypatch
+):
+    out = f"{s3_bucket}/units"
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "machine-a"))
+    store = RunStore(out, QUIET)
+    first = VersionedShards(1).bind(store.local)
+    execute_unit(first, 0)  # completed in this mirror only: the worker was killed before its upload
+    assert not store.remote.exists("versioned/00000_stats.json")
+    assert execute_unit(first, 0, store)[1]  # found complete here, so not redone: uploaded
+    assert store.remote.read_json("versioned/00000_stats.json")["version"] == 1
+    assert store.remote.exists("versioned/00000.tar") and store.remote.exists("versioned/00000.parquet")
+
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "machine-b"))  # another machine, the setting changed
+    store = RunStore(out, QUIET)
+    stats, skipped = execute_unit(VersionedShards(2).bind(store.local), 0, store)
+    assert not skipped and stats["version"] == 2
+    assert store.remote.read_json("versioned/00000_stats.json") == stats
+    (tar,) = [p for p in store.local.rglob("*.tar")]
+    store.remote.download("versioned/00000.tar", tmp_path / "stored.tar")
+    assert (tmp_path / "stored.tar").read_bytes() == tar.read_bytes()
+    assert next(iter_tar_samples(tmp_path / "stored.tar"))[1]["txt"] == b"version 2"

@@ -519,8 +519,12 @@ class RunStore:
         write_bytes_atomic(marker, content)
 
     def push_completed(self, marker: Path, *files: Path) -> None:
-        """Upload a completed unit: its files, then its marker; a unit already in the store is skipped."""
-        if self.remote is None or self.remote.exists(self._rel(marker)):
+        """Upload a completed unit: its files, then its marker. Skipped when the store holds this
+        very marker; a unit redone over a stale one in the store (a changed setting) replaces it,
+        each file put only if the store's bytes differ."""
+        if self.remote is None or self.remote.holds(
+            self._rel(marker), marker.stat().st_size, sha256_file(marker)
+        ):
             return
         for path in (*files, marker):
             self.remote.upload(path, self._rel(path))

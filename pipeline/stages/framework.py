@@ -210,13 +210,19 @@ class ShardStage(ShardOutputStage):
 
 
 def completed_stats(stage: Stage, unit: int, store: RunStore | None = None) -> dict | None:
-    """The unit's marker content when it is complete and current (fetched from the run store when
-    another worker completed it), else None."""
+    """The unit's marker content when it is complete and current, else None. With a run store,
+    a unit another worker completed is fetched, and one this mirror completed that the store
+    lacks (its worker killed before the upload, on a machine only this worker sees) is uploaded."""
     marker = stage.marker(unit)
-    if store is not None:
+    in_mirror = marker.exists()
+    if store is not None and not in_mirror:
         store.fetch_completed(marker, lambda stats: stage.outputs(unit, stats))
     stats = read_marker(marker)
-    return stats if stats is not None and stage.is_current(stats) else None
+    if stats is None or not stage.is_current(stats):
+        return None
+    if store is not None and in_mirror:
+        store.push_completed(marker, *stage.outputs(unit, stats))
+    return stats
 
 
 def execute_unit(
