@@ -25,8 +25,9 @@ server as busy as the simplest client that could?
   exposed to a shared machine's drift) and the ratio of mean walls. The vLLM CPU server's speed is
   bimodal on 2 cores (its worker holds one core; its API server and engine core share the other
   with the client): identical runs of 32 faces took 7.6 to 16.4 s with either client, so the
-  comparison needs many short runs (``make bench-scale``: 8 per side), not a few long ones. Requests in flight are sampled every 0.1 s on both sides,
-  and each side's own CPU time per face is reported (on a 2-core machine it is taken from the server).
+  comparison needs many short runs (``make bench-scale``: 8 per side), not a few long ones.
+  Requests in flight are sampled every 0.1 s on both sides, and each side's own CPU time per face
+  is reported (on a 2-core machine it is taken from the server).
 """
 
 from __future__ import annotations

@@ -125,10 +125,10 @@ def write_run_manifest(store: RunStore, config_hash: str) -> RunManifest:
     out = store.local
     stages = {"urls": select_manifest(store)}
     for stage in SHARD_STAGES:
-        manifest = shard_stage_manifest(store, stage)
-        if manifest.shards or (out / stage).is_dir():
-            stages[stage] = manifest
-            write_sizes(out / stage, manifest.shards)
+        stage_manifest = shard_stage_manifest(store, stage)
+        if stage_manifest.shards or (out / stage).is_dir():
+            stages[stage] = stage_manifest
+            write_sizes(out / stage, stage_manifest.shards)
     manifest = RunManifest(config_hash=config_hash, package_versions=package_versions(), stages=stages)
     write_json_atomic(out / "sizes.json", {s.url: s.nsamples for m in stages.values() for s in m.shards})
     write_json_atomic(out / "manifest.json", manifest.model_dump(mode="json"))  # commit point, last

@@ -511,10 +511,9 @@ class RunStore:
     def fetch_completed(self, marker: Path, files_of: Callable[[dict], list[Path]]) -> None:
         """Bring a unit completed in the store into the mirror: the files its marker vouches for
         (``files_of(marker content)``), then the marker."""
-        if self.remote is None or marker.exists() or not self.remote.exists(self._rel(marker)):
+        if self.remote is None or marker.exists() or (content := self._stored(marker)) is None:
             return
-        content = self.remote.read_bytes(self._rel(marker))
-        for path in files_of(from_json(content)):
+        for path in files_of(parse_marker(content, self._rel(marker))):
             self.remote.download(self._rel(path), path)
         write_bytes_atomic(marker, content)
 
@@ -546,9 +545,17 @@ class RunStore:
         """A completion marker's content from the mirror, else from the store (not copied into the
         mirror, whose markers vouch for files there): what the driver reads of its workers' units
         when they ran on other machines. None when neither holds it."""
-        if marker.exists() or self.remote is None or not self.remote.exists(self._rel(marker)):
+        if marker.exists() or self.remote is None:
             return read_marker(marker)
-        return parse_marker(self.remote.read_bytes(self._rel(marker)), self._rel(marker))
+        content = self._stored(marker)
+        return None if content is None else parse_marker(content, self._rel(marker))
+
+    def _stored(self, path: Path) -> bytes | None:
+        """The store's bytes for a mirror path, None when it has none (one request either way)."""
+        try:
+            return self.remote.read_bytes(self._rel(path))
+        except FileNotFoundError:
+            return None
 
 
 def enable_webdataset_urls(
